@@ -1,0 +1,23 @@
+"""Attention kinds. Importing this package registers the built-in kinds."""
+
+from lit_longctx.nn.attention.base import (
+    Attention,
+    AttentionContext,
+    available_attentions,
+    build_attention,
+    get_attention,
+    register_attention,
+)
+from lit_longctx.nn.attention.causal import CausalAttention, KVCache, attend
+
+__all__ = [
+    "Attention",
+    "AttentionContext",
+    "CausalAttention",
+    "KVCache",
+    "attend",
+    "available_attentions",
+    "build_attention",
+    "get_attention",
+    "register_attention",
+]
