@@ -9,11 +9,14 @@ from lit_longctx.nn.attention.base import (
     register_attention,
 )
 from lit_longctx.nn.attention.causal import CausalAttention, KVCache, attend
+from lit_longctx.nn.attention.hybrid_linear import HybridLinearAttention, HybridLinearCache
 
 __all__ = [
     "Attention",
     "AttentionContext",
     "CausalAttention",
+    "HybridLinearAttention",
+    "HybridLinearCache",
     "KVCache",
     "attend",
     "available_attentions",

@@ -1,0 +1,232 @@
+"""Reading and writing model checkpoints in every form a user may point at.
+
+``read_checkpoint(path)`` accepts:
+- an HF LLaMA directory (``config.json`` + safetensors/bin) or hub id;
+- a lit-longctx checkpoint file written by ``lit-longctx convert from-hf`` / :func:`save_checkpoint`;
+- a Lightning ``.ckpt`` written by ``lit-longctx fit`` (it carries ``checkpoint["lit_longctx"]``);
+- a distributed-checkpoint directory written under FSDP2 / ``ModelParallelStrategy``;
+- a run directory (the newest ``last.ckpt`` below it).
+Everything is loaded with ``weights_only=True`` (or safetensors). Tokenizer files travel inside lit-longctx and
+Lightning checkpoints, so a checkpoint alone is enough to generate text.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_longctx.hf import CheckpointError, config_from_hf, load_hf_state_dict, load_weights, read_hf_config
+from lit_longctx.nn.config import ModelConfig
+from lit_longctx.nn.llama import Transformer
+from lit_longctx.tokenizers import Tokenizer, load_tokenizer
+
+FORMAT = "lit-longctx/1"
+
+#: method name (``CausalLM.method``) -> LightningModule class path, for messages and the converters
+METHODS: dict[str, str] = {
+    "causal": "lit_longctx.modules.CausalLM",
+    "fot": "lit_longctx.modules.FoT",
+    "landmark": "lit_longctx.modules.Landmark",
+    "lolcats_transfer": "lit_longctx.modules.AttentionTransfer",
+    "lolcats_lora": "lit_longctx.modules.LinearizedLoRA",
+}
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What a checkpoint holds, before any model is built."""
+
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    method: str = "causal"
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def tokenizer(self) -> Tokenizer | None:
+        return tokenizer_from_files(self.tokenizer_files)
+
+
+def tokenizer_to_files(tokenizer: Tokenizer | None) -> dict[str, bytes]:
+    """The files that rebuild ``tokenizer`` (name -> bytes), for embedding in a checkpoint."""
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, bytes]) -> Tokenizer | None:
+    if not files:
+        return None
+    d = Path(tempfile.mkdtemp(prefix="lit_longctx_tok_"))
+    for name, data in files.items():
+        (d / Path(name).name).write_bytes(data)
+    return load_tokenizer(d)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Transformer,
+    *,
+    tokenizer: Tokenizer | None = None,
+    method: str = "causal",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a self-contained lit-longctx checkpoint file (config, weights, tokenizer files, method)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "method": method, "model_config": model.config.to_dict(), "state_dict": state,
+                "tokenizer_files": tokenizer_to_files(tokenizer), "extra": extra or {}}, path)
+    return path
+
+
+def _hf_tokenizer_files(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in _TOKENIZER_FILES if (directory / name).exists()}
+
+
+def _newest_last_ckpt(directory: Path) -> Path | None:
+    found = [p for p in directory.rglob("last*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _torch_load(f: str | os.PathLike | io.BytesIO) -> dict[str, Any]:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=not isinstance(f, io.BytesIO))
+    except Exception as e:  # pickle errors, truncated files, foreign formats
+        raise CheckpointError(f"cannot read {f} as a checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _from_dcp(directory: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "consolidated.pt"
+        dcp_to_torch_save(directory, out)
+        ckpt = _torch_load(out)
+        ckpt = {k: v for k, v in ckpt.items()}
+    meta = directory / "meta.pt"
+    if meta.exists():
+        ckpt.update(_torch_load(meta))
+    return ckpt
+
+
+def _from_dict(ckpt: dict[str, Any], source: str) -> LoadedCheckpoint:
+    if ckpt.get("format") == FORMAT:
+        return LoadedCheckpoint(ModelConfig.from_dict(ckpt["model_config"]), ckpt["state_dict"], ckpt.get("method",
+                                "causal"), ckpt.get("tokenizer_files", {}), ckpt.get("extra", {}), source)
+    meta = ckpt.get("lit_longctx")
+    if meta is not None and "state_dict" in ckpt:
+        prefix = "model."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        return LoadedCheckpoint(ModelConfig.from_dict(meta["model_config"]), state, meta.get("method", "causal"),
+                                meta.get("tokenizer_files", {}), meta.get("extra", {}), source)
+    keys = sorted(ckpt)[:10]
+    raise CheckpointError(
+        f"{source} is not a lit-longctx checkpoint (top-level keys {keys}); give an HF directory, a file written by "
+        "`lit-longctx convert from-hf` or a .ckpt written by `lit-longctx fit`"
+    )
+
+
+def _from_hf_dir(p: Path, with_weights: bool = True) -> LoadedCheckpoint:
+    """An HF directory; one exported by lit-longctx also restores its attention layout and extra tensors."""
+    hf = read_hf_config(p)
+    record = hf.get("lit_longctx", {})
+    layout = {}
+    if record:
+        layout = {"attention": record.get("attention", "causal"),
+                  "layer_attention": {int(k): v for k, v in record.get("layer_attention", {}).items()},
+                  "attention_options": record.get("attention_options", {})}
+    config = config_from_hf(hf, **layout)
+    state = load_hf_state_dict(p) if with_weights else {}
+    extras = p / "lit_longctx_extras.safetensors"
+    if extras.exists() and with_weights:
+        from safetensors.torch import load_file
+
+        state.update(load_file(str(extras)))
+    return LoadedCheckpoint(config, state, record.get("method", "causal"), _hf_tokenizer_files(p), record, str(p))
+
+
+def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> LoadedCheckpoint:
+    """Read any supported checkpoint form (see module docstring) without building a model.
+
+    ``with_weights=False`` skips reading the tensors of HF directories (config and tokenizer only); other forms are
+    memory-mapped, so their tensors cost nothing until used.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        if "/" in str(path) and not str(path).startswith((".", "/")):
+            from lit_longctx.hf import resolve_hf_path
+
+            p = resolve_hf_path(path)
+        else:
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if p.is_dir():
+        if (p / "config.json").exists():
+            return _from_hf_dir(p, with_weights)
+        if (p / ".metadata").exists():
+            return _from_dict(_from_dcp(p), str(p))
+        last = _newest_last_ckpt(p)
+        if last is None:
+            raise CheckpointError(
+                f"{str(p)!r} is a directory without config.json (HF), .metadata (distributed checkpoint) or any "
+                "last.ckpt below it"
+            )
+        return read_checkpoint(last, with_weights)
+    return _from_dict(_torch_load(p), str(p))
+
+
+def checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
+    """(model config, method) recorded in a checkpoint, read cheaply; None when the path holds no lit-longctx record."""
+    p = Path(path)
+    if p.is_dir() and (p / ".metadata").exists() and (p / "meta.pt").exists():
+        meta = _torch_load(p / "meta.pt").get("lit_longctx")
+        return (ModelConfig.from_dict(meta["model_config"]), meta.get("method", "causal")) if meta else None
+    try:
+        loaded = read_checkpoint(p, with_weights=False)
+    except (CheckpointError, FileNotFoundError):
+        return None
+    return loaded.model_config, loaded.method
+
+
+def check_method(loaded: LoadedCheckpoint, expected: str | None) -> None:
+    """Raise a clear error when a checkpoint was written by another method than the one loading it."""
+    if expected is None or loaded.method == expected:
+        return
+    if expected == "causal" or loaded.method == "causal":
+        # plain LLaMA weights load into any method, and any method's LLaMA weights load as plain LLaMA
+        return
+    raise CheckpointError(
+        f"{loaded.source} is a checkpoint of method {loaded.method!r}, but it is being loaded by method "
+        f"{expected!r}; use --model.class_path {METHODS.get(loaded.method, loaded.method)} (or export it with "
+        "`lit-longctx convert to-hf` and start from the plain LLaMA weights)"
+    )
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    expected_method: str | None = None,
+    **config_overrides: Any,
+) -> tuple[Transformer, Tokenizer | None, LoadedCheckpoint]:
+    """Build the model stored at ``path`` with its weights; also return its tokenizer (or None)."""
+    loaded = read_checkpoint(path)
+    check_method(loaded, expected_method)
+    config = loaded.model_config.replace(**config_overrides) if config_overrides else loaded.model_config
+    with torch.device("meta"):
+        model = Transformer(config)
+    load_weights(model, loaded.state_dict, source=loaded.source)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model, loaded.tokenizer(), loaded

@@ -1,0 +1,215 @@
+"""Text sources for :class:`~lit_longctx.datamodules.text.TextData`: local files, the HF hub, built-in text.
+
+Local text / jsonl / parquet files (or globs, or directories of them) and hub datasets are read with HF ``datasets``
+(``load_dataset("text" | "json" | "parquet", data_files=...)`` works offline). Built-in sources need no files:
+``builtin:pydoc`` is Python's own documentation topics (``pydoc_data.topics``, about 465 KB of English prose on every
+CPython; each topic one document), enough for a CPU quickstart.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+_EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json",
+               ".ndjson": "json", ".parquet": "parquet"}
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
+FORMATS = ("auto", "text", "json", "parquet")
+HUB_PREFIX = "hf:"
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class TextSource:
+    """One text source of a mixture.
+
+    Args:
+        path: a local file, glob (``data/*.jsonl``) or directory; ``builtin:pydoc``; or ``hf:<dataset>`` for a
+            dataset on the HF hub.
+        weight: relative sampling weight; weights are normalised over the sources (Llemma-style mixture).
+        format: ``auto`` (from the file extension: .txt/.text/.md/.rst, .json/.jsonl/.ndjson, .parquet, optionally
+            compressed), ``text``, ``json`` or ``parquet``.
+        text_field: the column holding the text (json, parquet and hub sources).
+        sample_by: for plain text files, what one document is: a whole ``document`` (file), a ``paragraph`` or a
+            ``line``.
+        name: configuration name of a hub dataset.
+        split: split of a hub dataset.
+    """
+
+    path: str
+    weight: float = 1.0
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    name: str | None = None
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown source format {self.format!r} for {self.path!r}: use one of {FORMATS}")
+        if self.sample_by not in ("document", "paragraph", "line"):
+            raise ValueError(f"unknown sample_by {self.sample_by!r}: use document, paragraph or line")
+        if not self.weight >= 0:
+            raise ValueError(f"source {self.path!r} has weight {self.weight}: weights must be >= 0")
+
+    @property
+    def label(self) -> str:
+        return self.path if self.name is None else f"{self.path}[{self.name}]"
+
+
+def as_source(spec: str | TextSource | Mapping[str, Any]) -> TextSource:
+    """A :class:`TextSource` from itself, a path string (weight 1), or a dict of its fields."""
+    if isinstance(spec, TextSource):
+        return spec
+    if isinstance(spec, str):
+        return TextSource(path=spec)
+    if isinstance(spec, Mapping):
+        return TextSource(**spec)
+    raise TypeError(f"a text source is a path string, a dict or a TextSource, not {type(spec).__name__}")
+
+
+def pydoc_documents() -> list[str]:
+    """Python's documentation topics (``pydoc_data.topics``), one document per topic, sorted by topic name."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"pydoc": pydoc_documents}
+
+
+def _listing(directory: Path) -> str:
+    if not directory.is_dir():
+        return f"{str(directory)!r} does not exist"
+    names = sorted(p.name for p in directory.iterdir())
+    more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+    return f"{str(directory)!r} holds {names[:20]}{more}"
+
+
+def _extension_format(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes = suffixes[:-1]
+    return _EXTENSIONS.get(suffixes[-1]) if suffixes else None
+
+
+def resolve_files(source: TextSource) -> list[Path]:
+    """The files of a local source, sorted: the file, the glob's matches, or a directory's files of known formats."""
+    pattern = str(Path(source.path).expanduser())
+    path = Path(pattern)
+    if glob.has_magic(pattern):
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not files:
+            base = Path(pattern.split("*")[0].split("?")[0].split("[")[0])
+            base = base if base.is_dir() else base.parent
+            raise FileNotFoundError(f"no files match {source.path!r} (scanned: {_listing(base)})")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and (source.format != "auto" or _extension_format(p) is not None))
+        if not files:
+            raise FileNotFoundError(
+                f"no text, json or parquet files in directory {source.path!r} (scanned: {_listing(path)}): give "
+                "files with extensions .txt/.md/.jsonl/.json/.parquet, or set format="
+            )
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"text source {source.path!r} not found (scanned: {_listing(path.parent)}): give an existing file, glob "
+            f"or directory, '{BUILTIN_PREFIX}pydoc', or '{HUB_PREFIX}<dataset>' for the HF hub"
+        )
+    return [path]
+
+
+def source_format(source: TextSource, files: Sequence[Path]) -> str:
+    """The ``datasets`` builder (text, json, parquet) for a local source."""
+    if source.format != "auto":
+        return source.format
+    found = {p: _extension_format(p) for p in files}
+    unknown = [p.name for p, fmt in found.items() if fmt is None]
+    if unknown:
+        raise ValueError(
+            f"unknown source format for {unknown[:5]} in source {source.path!r}: use files ending in "
+            f"{sorted(_EXTENSIONS)} (optionally compressed), or set format= to text, json or parquet"
+        )
+    formats = set(found.values())
+    if len(formats) > 1:
+        raise ValueError(
+            f"source {source.path!r} mixes formats {sorted(formats)}: make one source per format"
+        )
+    return formats.pop()
+
+
+def source_identity(source: TextSource) -> dict[str, Any]:
+    """Everything the tokenized cache of a source depends on (files are identified by path, size and mtime)."""
+    if source.path.startswith(BUILTIN_PREFIX):
+        name = source.path[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown built-in source {source.path!r}: available {sorted(BUILTIN_SOURCES)}")
+        return {"kind": "builtin", "name": name, "python": sys.version}
+    if source.path.startswith(HUB_PREFIX):
+        return {"kind": "hub", "dataset": source.path[len(HUB_PREFIX):], "config": source.name, "split": source.split,
+                "text_field": source.text_field}
+    files = resolve_files(source)
+    fmt = source_format(source, files)
+    identity: dict[str, Any] = {"kind": "files", "format": fmt,
+                                "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    if fmt == "text":
+        identity["sample_by"] = source.sample_by
+    else:
+        identity["text_field"] = source.text_field
+    return identity
+
+
+class _Column:
+    """The text column of a ``datasets.Dataset``, iterated in batches."""
+
+    def __init__(self, dataset: Any, field: str) -> None:
+        self.dataset, self.field = dataset, field
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[str]:
+        for batch in self.dataset.iter(batch_size=1024):
+            for text in batch[self.field]:
+                yield text or ""
+
+
+def load_documents(source: TextSource, cache_dir: str | Path | None = None) -> Sequence[str] | _Column:
+    """The documents of a source, in a fixed order, as a sized iterable of strings."""
+    if source.path.startswith(BUILTIN_PREFIX):
+        source_identity(source)  # validates the name
+        return BUILTIN_SOURCES[source.path[len(BUILTIN_PREFIX):]]()
+    import datasets
+
+    cache = str(cache_dir) if cache_dir is not None else None
+    field = source.text_field
+    if source.path.startswith(HUB_PREFIX):
+        name = source.path[len(HUB_PREFIX):]
+        try:
+            dataset = datasets.load_dataset(name, name=source.name, split=source.split, cache_dir=cache)
+        except Exception as err:  # datasets raises many types (connection, not found, offline); report one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConnectionError(
+                f"cannot load hub dataset {name!r} (config {source.name!r}, split {source.split!r}): {first}; "
+                "check the name, or download it beforehand / use local files when offline"
+            ) from err
+    else:
+        files = resolve_files(source)
+        fmt = source_format(source, files)
+        kwargs = {"sample_by": source.sample_by} if fmt == "text" else {}
+        dataset = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache,
+                                        **kwargs)
+        if fmt == "text":
+            field = "text"  # the text builder's only column
+    if field not in dataset.column_names:
+        raise ValueError(
+            f"source {source.label!r} has no field {field!r}; its fields are {dataset.column_names}: set text_field="
+        )
+    return _Column(dataset, field)
+

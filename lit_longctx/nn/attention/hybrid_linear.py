@@ -1,0 +1,671 @@
+"""LoLCATs hybrid sliding-window + linear attention (Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large
+Language Models", arXiv 2410.10254; feature maps after Hedgehog, Zhang et al., arXiv 2402.04347).
+
+Feature map (LoLCATs §3.1, Hedgehog §4): per layer and per *query* head h, two untied maps φ_q, φ_k with
+W_h ∈ R^{d×F}, applied after RoPE and after GQA expansion of the keys, without 1/√d:
+
+    φ(x)_h = clamp_min([softmax_F(x W_h), softmax_F(−x W_h)], 1e-12) ∈ R^{2F}
+
+Hybrid attention (LoLCATs §3.2, Eq. 7), one shared normaliser. For query i the causal keys split into the window
+W(i) and the linear set Λ(i); with s_ij = q_i·k_j/√d, ψ_ij = φ_q(q_i)·φ_k(k_j), c_i = max_{j∈W(i)} s_ij:
+
+    y_i = [γ Σ_{W(i)} e^{s_ij − c_i} v_j + α Σ_{Λ(i)} ψ_ij v_j] / [γ Σ_{W(i)} e^{s_ij − c_i} + α Σ_{Λ(i)} ψ_ij]
+
+γ = σ(θ_h) with a trainable per-head θ (init logit(0.1)); α = 1, or 1 − γ with ``affine_attention_factors``. c_i is
+taken over the window scores only and the linear terms are *not* scaled by e^{−c_i} — exactly as the reference
+(``hybrid_attention_quadratic``), so the window/linear balance depends on c_i. Window kinds:
+
+- ``sw`` (sliding): W(i) = {i−w+1, …, i}.
+- ``tk`` (terrace, ThunderKittens layout): blocks of w positions, block(j) = ⌊(j + o)/w⌋; W(i) is i's own block
+  (causal part) plus the previous block. ``start`` alignment (o = 0) is prefix-consistent and kernel-consistent;
+  ``end`` alignment (o = (−L) mod w) reproduces the PyTorch reference. (The reference's ``block_diag + roll``
+  mask also switches the linear term on for every causal key when L ≤ w, a single block, since the rolled block
+  lands on itself; that quirk is not reproduced: here L ≤ 2w is exactly softmax attention.)
+- ``none``: pure linear attention y_i = φ_q(q_i)ᵀS_i / (φ_q(q_i)ᵀz_i + 1e-12) (the Hedgehog baseline).
+
+Computation paths (they agree; see the tests):
+
+- (a) :func:`hybrid_attention_quadratic`: both L×L matrices, the reference; also yields the normalised weights Â
+  needed by the stage-1 cross-entropy.
+- (b) :func:`sliding_hybrid_prefix_sum` (``sw``): the linear part as a causal prefix sum over φ_k(k), v shifted right
+  by w (so position i sees Σ_{j≤i−w}), the window part as banded tiles of C queries × (C+w−1) keys.
+- (c) :func:`terrace_hybrid_scan` (``tk``): for block t the tile is (block t) × (blocks t−1, t); the linear part uses
+  the state over blocks ≤ t−2; block t−1 enters the state after block t is done (LoLCATs App. C.2, Alg. 1).
+- pure linear: :func:`causal_linear_sums`, a chunked prefix sum.
+
+Generation state (:class:`HybridLinearCache`, spec "Generation state"): the raw keys/values of the last position's
+window (≤ w keys for ``sliding``, ≤ 2w for ``terrace``) plus S = Σ φ_k(k)vᵀ and z = Σ φ_k(k) over every key that left
+it — constant memory per layer-head. ``decode_window: sliding`` decodes with an exact w-key sliding window, which is
+what the reference does even for ``tk`` models; ``terrace`` keeps the previous full block plus the current partial one
+and folds a block into S when a new block starts, reproducing the start-aligned ``tk`` forward. A cached forward
+applies the decode window to *every* position it processes (prompt chunks included), so a decoding session equals
+one full-sequence forward of that window kind exactly, whatever the prefill chunking. (The reference computes the
+prompt with the terrace forward and only the decoded tokens with the sliding window.)
+
+Distillation (LoLCATs §3.1 Eq. 6, App. C Listing 4), switched per batch by ``distill=True`` in
+``Transformer.forward(**extras)``: the teacher causal softmax attention is computed under no_grad from the same q, k, v
+and returned as ``o_proj(teacher y)`` (teacher forcing: the logits equal the softmax model's); the student runs on
+detached q, k, v, so only φ_q, φ_k and θ receive gradients, and each layer's loss depends on its own tensors only.
+Per-layer ``{"mse": …, ("xent": …)}`` land in ``output.extras["distill_losses"][layer_idx]``; ``distill_xent=True``
+adds the soft-target cross-entropy CE(A, log clamp(Â, 1e-12)), averaged over (b, h, query) rows.
+
+Layers to keep as softmax are a ``ModelConfig`` matter: ``layer_attention={7: "causal", 15: "causal", ...}``.
+Arithmetic is in float32 (float64 for float64 inputs); outputs are cast back to the input dtype.
+
+Shapes: B batch, H query heads, Hkv key/value heads, T queries, S keys, D head dim, F feature dim (maps give 2F).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
+from lit_longctx.nn.attention.causal import attend as softmax_attend
+from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
+from lit_longctx.nn.config import ConfigError, ModelConfig
+
+#: ``Transformer.forward(..., distill=True)``: stage-1 attention-transfer mode for this batch.
+DISTILL = "distill"
+#: ``Transformer.forward(..., distill_xent=True)``: also record the attention-weight cross-entropy.
+DISTILL_XENT = "distill_xent"
+#: ``output.extras[DISTILL_LOSSES][layer_idx] -> {"mse": tensor, "xent": tensor}`` after a distill forward.
+DISTILL_LOSSES = "distill_losses"
+
+FEATURE_EPS = 1e-12
+LINEAR_EPS = 1e-12
+LINEAR_CHUNK = 64
+
+WindowKind = Literal["sw", "tk", "none"]
+LinearState = tuple[torch.Tensor, torch.Tensor]  # S (B, H, 2F, D), z (B, H, 2F)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/single precision inputs, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------ feature map
+def softmax_features(xw: torch.Tensor, eps: float = FEATURE_EPS) -> torch.Tensor:
+    """(…, F) projections xW -> (…, 2F) features [softmax(xW), softmax(−xW)], clamped below at ``eps``."""
+    return torch.cat([torch.softmax(xw, dim=-1), torch.softmax(-xw, dim=-1)], dim=-1).clamp_min_(eps)
+
+
+class HeadProjection(nn.Module):
+    """One untied d×F matrix per head, ``layer`` (H, D, F), applied by einsum (the reference's ``mlp``)."""
+
+    def __init__(self, n_heads: int, head_dim: int, feature_dim: int) -> None:
+        super().__init__()
+        self.layer = nn.Parameter(torch.empty(n_heads, head_dim, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) -> (B, H, T, F), in x's dtype."""
+        return torch.einsum("bhtd,hdf->bhtf", x, self.layer.to(x.dtype))
+
+
+class FeatureMap(nn.Module):
+    """Learnable softmax-over-features map φ (LoLCATs §3.1). Parameter path ``mlp.layer`` as in the published
+    stage-1 checkpoints (``model.layers.N.self_attn.feature_map_q.mlp.layer``), so those load unchanged."""
+
+    def __init__(self, n_heads: int, head_dim: int, feature_dim: int) -> None:
+        super().__init__()
+        self.mlp = HeadProjection(n_heads, head_dim, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) -> (B, H, T, 2F), in x's dtype."""
+        return softmax_features(self.mlp(x))
+
+
+FEATURE_MAP_INITS = ("identity", "kaiming_uniform", "normal")
+
+
+def init_feature_map(weight: torch.Tensor, init: str) -> None:
+    """Initialise a (H, D, F) feature-map tensor in place.
+
+    ``identity``: every W_h is the rectangular identity (the seed's ``--lk_zero_init`` without skip connection), so
+    φ(x) = [softmax(x[:F]), softmax(−x[:F])]. ``kaiming_uniform``: ``nn.init.kaiming_uniform_`` on the (H, D, F)
+    tensor (fan_in = D·F), the reference default. ``normal``: N(0, 1) (``--lk_normal_init``).
+    """
+    with torch.no_grad():
+        if init == "identity":
+            eye = torch.eye(weight.shape[1], weight.shape[2], device=weight.device, dtype=weight.dtype)
+            weight.copy_(eye.expand_as(weight))
+        elif init == "kaiming_uniform":
+            nn.init.kaiming_uniform_(weight)
+        elif init == "normal":
+            nn.init.normal_(weight)
+        else:
+            raise ConfigError(f"feature_map_init={init!r} is unknown; use one of {', '.join(FEATURE_MAP_INITS)}")
+
+
+# ------------------------------------------------------------------------------------------------------------ masks
+def window_masks(
+    q_len: int,
+    k_len: int,
+    window: str,
+    window_size: int,
+    block_offset: int = 0,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (q_len, k_len) masks of the window set W(i) and the linear set Λ(i) = causal minus W(i).
+
+    The queries are the last ``q_len`` of the ``k_len`` positions. ``tk`` blocks: block(j) = ⌊(j + block_offset)/w⌋.
+    """
+    i = torch.arange(k_len - q_len, k_len, device=device).unsqueeze(1)
+    j = torch.arange(k_len, device=device).unsqueeze(0)
+    causal = j <= i
+    if window == "none":
+        win = torch.zeros_like(causal)
+    elif window == "sw":
+        win = causal & (j > i - window_size)
+    elif window == "tk":
+        win = causal & ((j + block_offset) // window_size >= (i + block_offset) // window_size - 1)
+    else:
+        raise ValueError(f"window={window!r} is unknown; use sw, tk or none")
+    return win, causal & ~win
+
+
+# ---------------------------------------------------------------------------------------- (a) quadratic reference
+def hybrid_attention_quadratic(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    window: str,
+    window_size: int,
+    scale: float,
+    block_offset: int = 0,
+    state: LinearState | None = None,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hybrid attention with both L×L matrices materialised (spec §2 a). Reference for every other path.
+
+    Args:
+        q: (B, H, T, D) queries, the last T of the S key positions; k, v: (B, H, S, D) (already GQA-expanded).
+        fq: (B, H, T, 2F) φ_q(q); fk: (B, H, S, 2F) φ_k(k).
+        gamma, alpha: window / linear factors broadcastable to (B, H, T, 1), e.g. (1, H, 1, 1); unused for
+            ``window="none"`` (pure linear attention has neither).
+        state: (S0 (B, H, 2F, D), z0 (B, H, 2F)) over keys before the sequence; they belong to every Λ(i).
+        return_weights: also return the normalised weights Â (B, H, T, S) (without the state's mass).
+
+    Returns:
+        y (B, H, T, D) in the inputs' dtype, and Â or None.
+    """
+    t, s = q.shape[2], k.shape[2]
+    win, lin = window_masks(t, s, window, window_size, block_offset, q.device)
+    if window == "none":  # pure linear attention: no factors, ε in the denominator
+        gamma, alpha = None, 1.0
+    a = alpha * (fq @ fk.transpose(-1, -2)).masked_fill(~lin, 0.0)  # (B, H, T, S)
+    if gamma is not None:
+        scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~win, float("-inf"))
+        c = scores.amax(dim=-1, keepdim=True)  # max over the window scores only
+        a = a + gamma * torch.exp(scores - c)
+    num = a @ v  # (B, H, T, D)
+    den = a.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
+    if state is not None:
+        kv_state, k_state = state
+        num = num + alpha * (fq @ kv_state)
+        den = den + alpha * (fq @ k_state.unsqueeze(-1))
+    if gamma is None:
+        den = den + LINEAR_EPS
+    return num / den, (a / den if return_weights else None)
+
+
+# ------------------------------------------------------------------------------------- chunked causal prefix sum
+def causal_linear_sums(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    state: LinearState | None = None,
+    chunk_size: int = LINEAR_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, LinearState]:
+    """Un-normalised causal linear attention, chunk by chunk (intra-chunk ψ tile + inter-chunk state).
+
+    num_i = Σ_{j≤i} ψ_ij v_j + φ_q(q_i)ᵀS0,  den_i = Σ_{j≤i} ψ_ij + φ_q(q_i)ᵀz0.
+
+    Args:
+        fq, fk: (B, H, T, 2F); v: (B, H, T, D); state: (S0 (B, H, 2F, D), z0 (B, H, 2F)) or None (zeros).
+
+    Returns:
+        num (B, H, T, D), den (B, H, T), and the final state (S, z) including every key.
+    """
+    b, h, t, f2 = fq.shape
+    if state is None:
+        kv_state = fq.new_zeros(b, h, f2, v.shape[-1])
+        k_state = fq.new_zeros(b, h, f2)
+    else:
+        kv_state, k_state = state
+    tri = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=fq.device).tril()
+    num = fq.new_empty(b, h, t, v.shape[-1])
+    den = fq.new_empty(b, h, t)
+    for a in range(0, t, chunk_size):
+        qc, kc, vc = fq[:, :, a : a + chunk_size], fk[:, :, a : a + chunk_size], v[:, :, a : a + chunk_size]
+        n = qc.shape[2]
+        psi = (qc @ kc.transpose(-1, -2)).masked_fill_(~tri[:n, :n], 0.0)  # (B, H, n, n)
+        num[:, :, a : a + n] = psi @ vc + qc @ kv_state
+        den[:, :, a : a + n] = psi.sum(dim=-1) + (qc @ k_state.unsqueeze(-1)).squeeze(-1)
+        kv_state = kv_state + kc.transpose(-1, -2) @ vc
+        k_state = k_state + kc.sum(dim=2)
+    return num, den, (kv_state, k_state)
+
+
+def linear_attention(
+    fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, state: LinearState | None = None
+) -> tuple[torch.Tensor, LinearState]:
+    """Pure causal linear attention φ_qᵀS_i / (φ_qᵀz_i + 1e-12) -> (y (B, H, T, D), final state)."""
+    num, den, state = causal_linear_sums(fq, fk, v, state=state)
+    return num / (den.unsqueeze(-1) + LINEAR_EPS), state
+
+
+# ------------------------------------------------------------------------------ (b) sliding window, prefix sum
+def sliding_hybrid_prefix_sum(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    window_size: int,
+    scale: float,
+    state: LinearState | None = None,
+) -> torch.Tensor:
+    """Linear-time ``sw`` hybrid (spec §2 b): (B, H, T, ·) inputs of equal length T -> y (B, H, T, D).
+
+    The linear part is a causal prefix sum over φ_k(k), v shifted right by w, so query i collects Σ_{j≤i−w}: the
+    shift is taken by pairing queries w.. with keys ..T−w (queries < w see only the initial state). The window
+    part runs over banded tiles: C queries against the C+w−1 keys ending at the tile's last query, j ∈ (i−w, i].
+    """
+    b, h, t, f2 = fq.shape
+    w = window_size
+    kv_state, k_state = state if state is not None else (fq.new_zeros(b, h, f2, v.shape[-1]), fq.new_zeros(b, h, f2))
+    head = fq[:, :, : min(w, t)]  # queries with an empty shifted prefix
+    num_lin, den_lin = head @ kv_state, (head @ k_state.unsqueeze(-1)).squeeze(-1)  # (B, H, ≤w, D), (B, H, ≤w)
+    if t > w:
+        num_rest, den_rest, _ = causal_linear_sums(
+            fq[:, :, w:], fk[:, :, : t - w], v[:, :, : t - w], state=(kv_state, k_state)
+        )
+        num_lin, den_lin = torch.cat([num_lin, num_rest], dim=2), torch.cat([den_lin, den_rest], dim=2)
+    chunk = max(w, LINEAR_CHUNK)
+    y = torch.empty_like(num_lin)
+    for a in range(0, t, chunk):
+        n, lo = min(chunk, t - a), max(0, a - w + 1)
+        qpos = torch.arange(a, a + n, device=q.device).unsqueeze(1)
+        kpos = torch.arange(lo, a + n, device=q.device).unsqueeze(0)
+        band = (kpos <= qpos) & (kpos > qpos - w)  # (n, ≤ n+w−1)
+        scores = ((q[:, :, a : a + n] @ k[:, :, lo : a + n].transpose(-1, -2)) * scale).masked_fill_(
+            ~band, float("-inf")
+        )
+        p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        num = p @ v[:, :, lo : a + n] + alpha * num_lin[:, :, a : a + n]
+        den = p.sum(dim=-1, keepdim=True) + alpha * den_lin[:, :, a : a + n].unsqueeze(-1)
+        y[:, :, a : a + n] = num / den
+    return y
+
+
+# ------------------------------------------------------------------------------------- (c) terrace block scan
+def terrace_hybrid_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    window_size: int,
+    scale: float,
+    block_offset: int = 0,
+    state: LinearState | None = None,
+) -> torch.Tensor:
+    """Blockwise ``tk`` hybrid (spec §2 c, LoLCATs App. C.2 Alg. 1): (B, H, T, ·) inputs -> y (B, H, T, D).
+
+    Positions are padded in front by ``block_offset`` (so block(j) = ⌊(j + o)/w⌋ becomes start-aligned) and at the
+    end to whole blocks. Block t: tile of its w queries × the 2w keys of blocks t−1, t (causal on the diagonal
+    sub-tile) plus α·φ_q(q)ᵀS_{≤t−2}; block t−1 is added to (S, z) after block t. Cost O(L·(2w·D + 2F·D)).
+    """
+    w, o, t = window_size, block_offset, q.shape[2]
+    n_blocks = math.ceil((t + o) / w)
+    pad_end = n_blocks * w - t - o
+    if o or pad_end:  # padded φ rows are 0: they add nothing to the state
+        q, k, v, fq, fk = (F.pad(x, (0, 0, o, pad_end)) for x in (q, k, v, fq, fk))
+    is_pad = torch.ones(n_blocks * w, dtype=torch.bool, device=q.device)
+    is_pad[o : o + t] = False
+    ones = torch.ones(w, w, dtype=torch.bool, device=q.device)
+    tile = torch.cat([ones, ones.tril()], dim=1)  # (w, 2w): previous block fully, own block causally
+    b, h, _, f2 = fq.shape
+    kv_state, k_state = state if state is not None else (fq.new_zeros(b, h, f2, v.shape[-1]), fq.new_zeros(b, h, f2))
+    outs = []
+    for blk in range(n_blocks):
+        a, lo = blk * w, max(0, (blk - 1) * w)
+        # padded keys are invisible to real queries; padded query rows (cropped below) keep themselves visible
+        mask = tile[:, w if blk == 0 else 0 :] & (~is_pad[lo : a + w].unsqueeze(0) | is_pad[a : a + w].unsqueeze(1))
+        scores = ((q[:, :, a : a + w] @ k[:, :, lo : a + w].transpose(-1, -2)) * scale).masked_fill(
+            ~mask, float("-inf")
+        )  # (B, H, w, ≤2w)
+        p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        fqb = fq[:, :, a : a + w]
+        num = p @ v[:, :, lo : a + w] + alpha * (fqb @ kv_state)
+        den = p.sum(dim=-1, keepdim=True) + alpha * (fqb @ k_state.unsqueeze(-1))
+        outs.append(num / den)
+        if blk >= 1:  # block t−1 joins the linear set of block t+1
+            kv_state = kv_state + fk[:, :, lo:a].transpose(-1, -2) @ v[:, :, lo:a]
+            k_state = k_state + fk[:, :, lo:a].sum(dim=2)
+    return torch.cat(outs, dim=2)[:, :, o : o + t]
+
+
+# ---------------------------------------------------------------------------------------------- generation state
+class HybridLinearCache:
+    """Recurrent generation state of one ``hybrid_linear`` layer.
+
+    Attributes:
+        k, v: (B, Hkv, n, D) keys (after RoPE) and values of the window of the last processed position, in the
+            model dtype (n ≤ w for a sliding decode window, ≤ 2w for terrace, 0 for pure linear attention).
+        kv_state: (B, H, 2F, D) S = Σ φ_k(k)vᵀ over every key that left the window, in the compute dtype.
+        k_state: (B, H, 2F) z = Σ φ_k(k) over the same keys.
+        length: tokens seen so far (the absolute position of the next token).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        feature_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        acc = compute_dtype(dtype)
+        self.k = torch.zeros(batch_size, n_kv_heads, 0, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.kv_state = torch.zeros(batch_size, n_heads, 2 * feature_dim, head_dim, device=device, dtype=acc)
+        self.k_state = torch.zeros(batch_size, n_heads, 2 * feature_dim, device=device, dtype=acc)
+        self.length = 0
+
+    def num_bytes(self) -> int:
+        """Bytes held by the state tensors."""
+        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.kv_state, self.k_state))
+
+
+# --------------------------------------------------------------------------------------------------- the module
+WINDOWS = ("tk", "sw", "none")
+ALIGNMENTS = ("start", "end")
+PATHS = ("scan", "quadratic")
+DECODE_WINDOWS = ("sliding", "terrace")
+
+
+@register_attention("hybrid_linear")
+class HybridLinearAttention(Attention):
+    """LoLCATs attention: learnable feature maps, sliding-window/terrace + linear hybrid, recurrent decoding.
+
+    Options (``ModelConfig.attention_options["hybrid_linear"]``):
+        feature_dim: F, features per half (the map outputs 2F); 64 in every published config.
+        window_size: w, the softmax window / terrace block (64).
+        window: ``tk`` terrace (default, the headline results), ``sw`` sliding, ``none`` pure linear.
+        block_alignment: ``start`` (default; prefix-consistent) or ``end`` (the PyTorch reference) for ``tk``.
+        affine_attention_factors: α = 1 − γ instead of 1.
+        init_window_factor: initial θ (γ = σ(θ)); default logit(0.1).
+        feature_map_init: ``identity`` (default, the published ``--lk_zero_init``), ``kaiming_uniform``, ``normal``.
+        path: ``scan`` (linear-time: prefix sum for sw, block scan for tk) or ``quadratic`` (reference). Distill
+            mode with ``distill_xent`` always uses the quadratic form, which yields the attention weights.
+        decode_window: ``sliding`` (exact w-key window, the reference's decode) or ``terrace`` (tk with start
+            alignment only; reproduces the tk forward).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        *,
+        feature_dim: int = 64,
+        window_size: int = 64,
+        window: WindowKind = "tk",
+        block_alignment: Literal["start", "end"] = "start",
+        affine_attention_factors: bool = False,
+        init_window_factor: float = math.log(0.1 / 0.9),
+        feature_map_init: Literal["identity", "kaiming_uniform", "normal"] = "identity",
+        path: Literal["scan", "quadratic"] = "scan",
+        decode_window: Literal["sliding", "terrace"] = "sliding",
+    ) -> None:
+        super().__init__(config, layer_idx)
+        prefix = f"attention_options['hybrid_linear'] (layer {layer_idx}):"
+        if window not in WINDOWS:
+            raise ConfigError(f"{prefix} window={window!r} is unknown; use tk (terrace), sw (sliding) or none (linear)")
+        if block_alignment not in ALIGNMENTS:
+            raise ConfigError(f"{prefix} block_alignment={block_alignment!r} is unknown; use start or end")
+        if path not in PATHS:
+            raise ConfigError(f"{prefix} path={path!r} is unknown; use scan (linear time) or quadratic (reference)")
+        if decode_window not in DECODE_WINDOWS:
+            raise ConfigError(f"{prefix} decode_window={decode_window!r} is unknown; use sliding or terrace")
+        if feature_map_init not in FEATURE_MAP_INITS:
+            raise ConfigError(
+                f"{prefix} feature_map_init={feature_map_init!r} is unknown; use one of {', '.join(FEATURE_MAP_INITS)}"
+            )
+        if not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ConfigError(f"{prefix} feature_dim must be a positive integer, got {feature_dim!r}")
+        if not isinstance(window_size, int) or window_size < 1:
+            raise ConfigError(f"{prefix} window_size must be a positive integer (e.g. 64), got {window_size!r}")
+        if feature_map_init == "identity" and feature_dim > self.head_dim:
+            raise ConfigError(
+                f"{prefix} feature_map_init=identity needs feature_dim <= head_dim={self.head_dim}, got "
+                f"feature_dim={feature_dim}; lower feature_dim or use feature_map_init=kaiming_uniform"
+            )
+        if decode_window == "terrace" and (window != "tk" or block_alignment != "start"):
+            raise ConfigError(
+                f"{prefix} decode_window=terrace needs window=tk with block_alignment=start (a decoding cache cannot "
+                "know the final length that end-aligned blocks depend on); use decode_window=sliding"
+            )
+        if not math.isfinite(init_window_factor):
+            raise ConfigError(f"{prefix} init_window_factor must be a finite logit, got {init_window_factor!r}")
+        self.feature_dim = feature_dim
+        self.window_size = window_size
+        self.window = window
+        self.block_alignment = block_alignment
+        self.affine_attention_factors = affine_attention_factors
+        self.init_window_factor = float(init_window_factor)
+        self.feature_map_init = feature_map_init
+        self.path = path
+        self.decode_window = decode_window
+        self.feature_map_q = FeatureMap(self.n_heads, self.head_dim, feature_dim)
+        self.feature_map_k = FeatureMap(self.n_heads, self.head_dim, feature_dim)
+        # reference name and shape; pure linear attention has no window, hence no factor
+        self.window_factors = nn.Parameter(torch.empty(1, self.n_heads, 1, 1)) if window != "none" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """φ per ``feature_map_init``, θ = ``init_window_factor``; ``Transformer.init_weights`` calls this."""
+        init_feature_map(self.feature_map_q.mlp.layer, self.feature_map_init)
+        init_feature_map(self.feature_map_k.mlp.layer, self.feature_map_init)
+        if self.window_factors is not None:
+            nn.init.constant_(self.window_factors, self.init_window_factor)
+
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> HybridLinearCache:
+        return HybridLinearCache(
+            batch_size, self.n_heads, self.n_kv_heads, self.head_dim, self.feature_dim, device, dtype
+        )
+
+    def flops_per_token(self, context_len: int) -> float:
+        """Fwd+bwd attention FLOPs per token (PaLM convention, as the causal kind): 12·H·D per window key
+        (at most w for sw, 2w for tk) + 24·H·F·D for the linear state update and read-out (2F·D MACs each).
+        The feature-map projections are parameters, so ``Transformer.flops_per_token`` counts them in 6·N."""
+        max_keys = {"sw": self.window_size, "tk": 2 * self.window_size, "none": 0}[self.window]
+        keys = min(context_len, max_keys)
+        return 12.0 * self.n_heads * self.head_dim * keys + 24.0 * self.n_heads * self.feature_dim * self.head_dim
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: HybridLinearCache | None = None) -> torch.Tensor:
+        if ctx.doc_ids is not None:
+            raise ValueError(
+                "hybrid_linear attention has no per-document reset for packed rows (position_ids restarting inside "
+                "a row), like the LoLCATs reference; pass contiguous position_ids (one 0..T-1 run per row)"
+            )
+        q, k, v = self.project(x)
+        q = self.rotate(q, ctx.cos, ctx.sin).transpose(1, 2)  # (B, H, T, D)
+        k = self.rotate(k, ctx.cos, ctx.sin).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.transpose(1, 2)  # (B, Hkv, T, D)
+        if ctx.extras.get(DISTILL):
+            if cache is not None:
+                raise ValueError("distill mode (attention transfer) runs on whole sequences; do not pass a cache")
+            return self._distill(q, k, v, ctx)
+        if cache is not None:
+            y = self._cached(q, k, v, cache)
+        else:
+            y, _ = self.attend(q, k, v, window=self.window, block_offset=self._block_offset(q.shape[2]))
+        return self.output(y.to(x.dtype))
+
+    def _block_offset(self, length: int) -> int:
+        end = self.window == "tk" and self.block_alignment == "end"
+        return (-length) % self.window_size if end else 0
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(γ, α), each (1, H, 1, 1) in ``dtype``."""
+        if self.window_factors is None:
+            one = torch.ones(1, self.n_heads, 1, 1, dtype=dtype, device=self.q_proj.weight.device)
+            return one, one
+        gamma = torch.sigmoid(self.window_factors.to(dtype))
+        return gamma, (1 - gamma if self.affine_attention_factors else torch.ones_like(gamma))
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        window: str,
+        block_offset: int = 0,
+        state: LinearState | None = None,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hybrid attention of q (B, H, T, D), the last T of the S positions of k, v (B, Hkv, S, D).
+
+        Returns y (B, H, T, D) in the compute dtype, and Â (B, H, T, S) when ``return_weights``.
+        """
+        acc = compute_dtype(q.dtype)
+        rep = self.n_heads // self.n_kv_heads
+        q, k, v = q.to(acc), repeat_kv(k, rep).to(acc), repeat_kv(v, rep).to(acc)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        gamma, alpha = self.factors(acc)
+        if return_weights or self.path == "quadratic":
+            return hybrid_attention_quadratic(
+                q, k, v, fq, fk, gamma, alpha, window=window, window_size=self.window_size, scale=self.scale,
+                block_offset=block_offset, state=state, return_weights=return_weights,
+            )
+        pad = k.shape[2] - q.shape[2]  # the fast paths want a query per key; padded rows are dropped
+        if pad:
+            q, fq = F.pad(q, (0, 0, pad, 0)), F.pad(fq, (0, 0, pad, 0))
+        if window == "none":
+            y, _ = linear_attention(fq, fk, v, state=state)
+        elif window == "sw":
+            y = sliding_hybrid_prefix_sum(
+                q, k, v, fq, fk, gamma, alpha, window_size=self.window_size, scale=self.scale, state=state
+            )
+        else:
+            y = terrace_hybrid_scan(
+                q, k, v, fq, fk, gamma, alpha, window_size=self.window_size, scale=self.scale,
+                block_offset=block_offset, state=state,
+            )
+        return y[:, :, pad:], None
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def _window_start(self, position: int) -> int:
+        """First key position in the decode window of the query at ``position``."""
+        if self.decode_window == "terrace":
+            return max(0, (position // self.window_size - 1) * self.window_size)
+        return max(0, position - self.window_size + 1)
+
+    def _fold(self, cache: HybridLinearCache, upto: int) -> None:
+        """Move cached keys at positions < ``upto`` from the window buffer into (S, z)."""
+        n_drop = upto - (cache.length - cache.k.shape[2])
+        if n_drop <= 0:
+            return
+        acc = cache.kv_state.dtype
+        rep = self.n_heads // self.n_kv_heads
+        k_old = repeat_kv(cache.k[:, :, :n_drop], rep).to(acc)  # (B, H, n_drop, D)
+        v_old = repeat_kv(cache.v[:, :, :n_drop], rep).to(acc)
+        fk = self.feature_map_k(k_old)  # (B, H, n_drop, 2F)
+        cache.kv_state = cache.kv_state + fk.transpose(-1, -2) @ v_old
+        cache.k_state = cache.k_state + fk.sum(dim=2)
+        cache.k, cache.v = cache.k[:, :, n_drop:], cache.v[:, :, n_drop:]
+
+    def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: HybridLinearCache) -> torch.Tensor:
+        """Attend T new tokens through the recurrent state; returns (B, H, T, D) in the compute dtype."""
+        t = q.shape[2]
+        if self.window == "none":
+            acc = cache.kv_state.dtype
+            rep = self.n_heads // self.n_kv_heads
+            q, k, v = q.to(acc), repeat_kv(k, rep).to(acc), repeat_kv(v, rep).to(acc)
+            y, (cache.kv_state, cache.k_state) = linear_attention(
+                self.feature_map_q(q), self.feature_map_k(k), v, state=(cache.kv_state, cache.k_state)
+            )
+            cache.length += t
+            return y
+        first, last = cache.length, cache.length + t - 1
+        self._fold(cache, self._window_start(first))  # the buffer now starts at the window of the first query
+        start = cache.length - cache.k.shape[2]
+        cache.k, cache.v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+        cache.length += t
+        state = (cache.kv_state, cache.k_state)
+        if t == 1:  # every buffered key is in this query's window: no ψ over the buffer is needed
+            y = self._decode_step(q, cache.k, cache.v, state)
+        else:
+            window = "tk" if self.decode_window == "terrace" else "sw"
+            y, _ = self.attend(q, cache.k, cache.v, window=window, block_offset=start % self.window_size, state=state)
+        self._fold(cache, self._window_start(last))  # keep only the window of the last query
+        return y
+
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState) -> torch.Tensor:
+        """One query (B, H, 1, D) over its whole window k, v (B, Hkv, n, D) plus the linear state (spec §2 decode)."""
+        kv_state, k_state = state
+        acc = kv_state.dtype
+        rep = self.n_heads // self.n_kv_heads
+        q, k, v = q.to(acc), repeat_kv(k, rep).to(acc), repeat_kv(v, rep).to(acc)
+        fq = self.feature_map_q(q)  # (B, H, 1, 2F)
+        gamma, alpha = self.factors(acc)
+        scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, 1, n)
+        p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        num = p @ v + alpha * (fq @ kv_state)
+        den = p.sum(dim=-1, keepdim=True) + alpha * (fq @ k_state.unsqueeze(-1))
+        return num / den
+
+    # ------------------------------------------------------------------------------------------- distillation
+    def _distill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Stage-1 attention transfer: record the student's losses, return the teacher's output (teacher forcing)."""
+        with torch.no_grad():
+            y_teacher = softmax_attend(q, k, v, backend=self.config.attn_backend, scale=self.scale)  # (B, H, T, D)
+            out = self.output(y_teacher)
+        xent = bool(ctx.extras.get(DISTILL_XENT))
+        block_offset = self._block_offset(q.shape[2])
+        y, weights = self.attend(
+            q.detach(), k.detach(), v.detach(), window=self.window, block_offset=block_offset, return_weights=xent
+        )
+        losses: dict[str, torch.Tensor] = {"mse": F.mse_loss(y, y_teacher.to(y.dtype))}
+        if xent:
+            with torch.no_grad():
+                probs = self._teacher_probs(q, k)
+            losses["xent"] = -(probs * weights.clamp_min(FEATURE_EPS).log()).sum(dim=-1).mean()
+        ctx.extras.setdefault(DISTILL_LOSSES, {})[self.layer_idx] = losses
+        return out
+
+    def _teacher_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Causal softmax weights A (B, H, T, T) in the compute dtype."""
+        acc = compute_dtype(q.dtype)
+        k = repeat_kv(k, self.n_heads // self.n_kv_heads).to(acc)
+        scores = (q.to(acc) @ k.transpose(-1, -2)) * self.scale
+        mask = causal_doc_mask(q.shape[2], k.shape[2], q.device)
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def distill_losses(extras: dict[str, Any]) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-layer stage-1 losses written by a ``distill=True`` forward (``ModelOutput.extras``); {} if none."""
+    return extras.get(DISTILL_LOSSES, {})
