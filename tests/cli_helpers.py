@@ -1,15 +1,96 @@
-"""Objects that test configs name by class_path (importable by the subprocesses of distributed tests too)."""
+"""Helpers for CLI tests: a tiny config, runners (in-process and subprocess), and objects that test configs name by
+class_path (importable by the subprocesses of distributed tests too)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
 from lit_longctx.modules import CausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: a ~30k-parameter model on byte-level text, 4 steps: every subcommand in seconds (format with root=, corpus=)
+TINY_CONFIG = """
+seed_everything: 7
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 4
+  limit_val_batches: 2
+  val_check_interval: 2
+  check_val_every_n_epoch: null
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {root}, name: logs}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {root}/checkpoints, save_last: true, every_n_train_steps: 2, save_top_k: -1}}
+model:
+  class_path: lit_longctx.modules.CausalLM
+  init_args:
+    model: {{dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 64, max_seq_len: 64}}
+    learning_rate: 1.0e-3
+    generation: {{prompt_tokens: 8, max_new_tokens: 4}}
+data:
+  class_path: lit_longctx.datamodules.TextData
+  init_args:
+    sources: [{corpus}]
+    tokenizer: byte
+    seq_len: 32
+    batch_size: 4
+    cache_dir: {root}/cache
+    val_fraction: 0.2
+"""
+
+
+def write_corpus(path: Path, n_docs: int = 12, chars: int = 3000) -> Path:
+    """A jsonl of real English documents (Python's pydoc topics)."""
+    from pydoc_data.topics import topics
+
+    with open(path, "w") as f:
+        for text in list(topics.values())[:n_docs]:
+            f.write(json.dumps({"text": text[:chars]}) + "\n")
+    return path
+
+
+def run(*args: str) -> Any:
+    """``lit-longctx ARGS`` in this process; returns the LightningCLI (trainer, model, datamodule)."""
+    from lit_longctx.cli import _make_cli
+
+    return _make_cli(list(args))
+
+
+def run_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``lit-longctx ARGS`` in a fresh process (needed for multi-process strategies); asserts success."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lit_longctx.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def one_line_error(*args: str) -> str:
+    """Run the real command; it must exit with status 2 and end with one ``error:`` line and no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lit_longctx.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.splitlines()[-1]  # Lightning's INFO lines may come first
+    assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
+    return last
 
 
 class ShardReport(L.Callback):

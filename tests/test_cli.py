@@ -3,89 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from lit_longctx.cli import _make_cli, main
+from lit_longctx.cli import main
 from lit_longctx.hf import from_hf, to_hf
 from lit_longctx.nn import ModelConfig, Transformer
-
-REPO = Path(__file__).resolve().parents[1]
-
-CONFIG = """
-seed_everything: 7
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_steps: 4
-  limit_val_batches: 2
-  val_check_interval: 2
-  check_val_every_n_epoch: null
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {root}
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {root}, name: logs}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {root}/checkpoints, save_last: true, every_n_train_steps: 2, save_top_k: -1}}
-model:
-  class_path: lit_longctx.modules.CausalLM
-  init_args:
-    model: {{dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 64, max_seq_len: 64}}
-    learning_rate: 1.0e-3
-    generation: {{prompt_tokens: 8, max_new_tokens: 4}}
-data:
-  class_path: lit_longctx.datamodules.TextData
-  init_args:
-    sources: [{corpus}]
-    tokenizer: byte
-    seq_len: 32
-    batch_size: 4
-    cache_dir: {root}/cache
-    val_fraction: 0.2
-"""
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for text in list(topics.values())[:12]:
-            f.write(json.dumps({"text": text[:3000]}) + "\n")
-    return path
-
-
-@pytest.fixture
-def config(tmp_path, corpus) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(CONFIG.format(root=tmp_path / "run", corpus=corpus))
-    return path
-
-
-def run(*args: str):
-    return _make_cli(list(args))
-
-
-def one_line_error(*args: str) -> str:
-    """Run the real command; it must exit with status 2 and end with one ``error:`` line and no traceback."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "lit_longctx.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, err[-3000:]
-    last = err.splitlines()[-1]  # Lightning's INFO lines may come first
-    assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
-    return last
+from tests.cli_helpers import REPO, one_line_error, run, run_subprocess
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -219,22 +144,14 @@ def test_wandb_logger_offline(config, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------- strategies
-def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lit_longctx.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_train_and_reload(config, tmp_path):
-    _subprocess(["fit", "--config", str(config), "--config", str(REPO / "configs/strategy/ddp.yaml"),
+    run_subprocess(["fit", "--config", str(config), "--config", str(REPO / "configs/strategy/ddp.yaml"),
                  "--trainer.devices=2"], tmp_path)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
     assert ckpt["lit_longctx"]["tokens_seen"] == 4 * 4 * 32 * 2  # two ranks
-    proc = _subprocess(["test", "--config", str(config), "--ckpt_path", "last"], tmp_path)
+    proc = run_subprocess(["test", "--config", str(config), "--ckpt_path", "last"], tmp_path)
     assert "test/ppl" in proc.stdout
 
 
@@ -246,7 +163,7 @@ def test_fsdp2_two_cpu_processes_shard_train_and_reload(config, tmp_path):
          "init_args": {"dirpath": str(tmp_path / "run" / "checkpoints"), "save_last": True}},
         {"class_path": "tests.cli_helpers.ShardReport", "init_args": {"path": str(reports)}},
     ])
-    _subprocess(["fit", "--config", str(config), "--config", str(REPO / "configs/strategy/fsdp2.yaml"),
+    run_subprocess(["fit", "--config", str(config), "--config", str(REPO / "configs/strategy/fsdp2.yaml"),
                  "--trainer.devices=2", f"--trainer.callbacks={callbacks}"], tmp_path)
     for rank in (0, 1):
         fractions = json.loads((reports / f"shards-rank{rank}.json").read_text())
@@ -257,17 +174,58 @@ def test_fsdp2_two_cpu_processes_shard_train_and_reload(config, tmp_path):
     main(["convert", "to-hf", "--checkpoint", str(last), "--output", str(tmp_path / "hf")])
     model = from_hf(tmp_path / "hf")
     assert model.config.dim == 32
-    proc = _subprocess(["test", "--config", str(config), "--config", str(REPO / "configs/strategy/fsdp2.yaml"),
+    proc = run_subprocess(["test", "--config", str(config), "--config", str(REPO / "configs/strategy/fsdp2.yaml"),
                         "--trainer.devices=2", "--ckpt_path", str(last)], tmp_path)
     assert "test/ppl" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("name", ["allamo_1b", "llemma_7b"])
-def test_seed_recipe_configs_parse_and_build_on_meta(name, capsys):
-    main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"]) if False else None
+@pytest.mark.parametrize(("name", "preset_params"), [("allamo_1b", 1_060_456_448), ("llemma_7b", None)])
+def test_seed_recipe_configs_parse_and_build_on_meta(name, preset_params, capsys):
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_longctx.hf import config_to_hf
+    from lit_longctx.modules import CausalLM
+
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
     assert info.value.code == 0
-    printed = capsys.readouterr().out
-    assert "class_path: lit_longctx.modules.CausalLM" in printed
+    printed = yaml.safe_load(capsys.readouterr().out)
+    init_args = dict(printed["model"]["init_args"])
+    init_args.pop("init_from")  # a placeholder path for the user's checkpoint; the preset has the same shapes
+    module = CausalLM(**init_args)
+    with torch.device("meta"):
+        model = module.build_model()
+    with torch.device("meta"):  # oracle: transformers' LLaMA of the exported config
+        reference = LlamaForCausalLM(LlamaConfig.from_dict(config_to_hf(module.model_config)))
+    n = sum(p.numel() for p in model.parameters())
+    assert n == sum(p.numel() for p in reference.parameters())
+    if preset_params is not None:
+        assert n == preset_params
+    if name == "llemma_7b":  # θ contracted to 1e4 (paper §2.2) and the Llemma schedule
+        assert module.model_config.rope.rope_theta == 10000.0 and module.model_config.vocab_size == 32016
+        assert (init_args["min_lr_ratio"], init_args["warmup_steps"], init_args["decay_steps"]) == (0.033, 500, 48000)
+
+
+# --------------------------------------------------------------------------------------------------- examples
+def test_worked_example_subclass(config, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "subclass_module"))
+    from position_weighted import PositionWeightedLM
+
+    from lit_longctx.modules import CausalLM
+
+    # oracle: with alpha = 0 and no ignored targets the position-weighted loss is the plain mean loss
+    torch.manual_seed(0)
+    plain = CausalLM(model=ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, ffn_dim=64))
+    plain.configure_model()
+    weighted = PositionWeightedLM(alpha=0.0, model=plain.model_config)
+    weighted.model = plain.model
+    ids = torch.randint(0, 50, (3, 12))
+    batch = {"input_ids": ids, "labels": torch.randint(0, 50, (3, 12))}
+    expected = plain.compute_loss(batch, "train")[0].item()
+    assert weighted.compute_loss(batch, "train")[0].item() == pytest.approx(expected, rel=1e-5)
+    cli = run("fit", "--config", str(config), "--config", str(REPO / "examples/subclass_module/config.yaml"),
+              "--trainer.max_steps=2")
+    assert type(cli.model).__name__ == "PositionWeightedLM" and cli.trainer.global_step == 2
+    assert "train/last_quarter_loss" in cli.trainer.callback_metrics

@@ -1,5 +1,6 @@
 """LightningModules: ``CausalLM`` and the methods built on it."""
 
 from lit_longctx.modules.causal_lm import CausalLM
+from lit_longctx.modules.lolcats import AttentionTransfer, LinearizedLoRA
 
-__all__ = ["CausalLM"]
+__all__ = ["AttentionTransfer", "CausalLM", "LinearizedLoRA"]
