@@ -11,12 +11,12 @@ Sampling: greedy (temperature 0), temperature, top-k, top-p (nucleus, Holtzman e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lit_longctx.nn.attention import get_attention
-from lit_longctx.nn.llama import Transformer
+if TYPE_CHECKING:  # attention kinds subclass DecodingSession, so this module imports nothing of the model at load time
+    from lit_longctx.nn.llama import Transformer
 
 
 class DecodingSession:
@@ -36,6 +36,14 @@ class DecodingSession:
         """Feed (B, n) ids through the caches; return the last position's logits (B, V) in float32."""
         return self.model(ids, state=self.state, return_logits="last").logits[:, -1].float()
 
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed (B, n) ids through the caches; return float32 logits (B, n, V) of every fed token (perplexity).
+
+        Methods override this with their own path (FoT memory schedule, landmark insertion) so evaluation scores
+        what the method would compute.
+        """
+        return self.model(ids, state=self.state, return_logits=True).logits.float()
+
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         logits = None
         for start in range(0, ids.shape[1], self.prefill_chunk):
@@ -50,6 +58,8 @@ class DecodingSession:
 
 def session_for(model: Transformer, batch_size: int = 1, **kwargs: Any) -> DecodingSession:
     """The decoding session the model's attention kinds ask for (plain KV cache unless a kind names another)."""
+    from lit_longctx.nn.attention import get_attention
+
     classes = {get_attention(k).session_class for k in model.kinds} - {None}
     if len(classes) > 1:
         names = ", ".join(sorted(c.__name__ for c in classes))

@@ -9,15 +9,22 @@ from lit_longctx.nn.attention.base import (
     register_attention,
 )
 from lit_longctx.nn.attention.causal import CausalAttention, KVCache, attend
+from lit_longctx.nn.attention.fot import FoTAttention, FoTCache, FoTSession
 from lit_longctx.nn.attention.hybrid_linear import HybridLinearAttention, HybridLinearCache
+from lit_longctx.nn.attention.landmark import LandmarkAttention, LandmarkCache
 
 __all__ = [
     "Attention",
     "AttentionContext",
     "CausalAttention",
+    "FoTAttention",
+    "FoTCache",
+    "FoTSession",
     "HybridLinearAttention",
     "HybridLinearCache",
     "KVCache",
+    "LandmarkAttention",
+    "LandmarkCache",
     "attend",
     "available_attentions",
     "build_attention",

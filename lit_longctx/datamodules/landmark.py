@@ -1,0 +1,231 @@
+"""Landmark tokens in the data (Mohtashami & Jaggi 2023, §3.1; spec §1): insertion, labels, removal, vocabulary.
+
+A landmark closes every block of ``mem_freq`` (ℓ) regular tokens. Two placement rules (spec §1.2):
+
+- ``per_row`` (LLaMA fine-tune, ``llama/train.py``; the default): within each row, a landmark goes before row index
+  t for t = ℓ, 2ℓ, … < n, so a row of n tokens gets ⌊(n − 1)/ℓ⌋ landmarks and a trailing partial block none
+  (512 tokens, ℓ = 50 → 522; a row of exactly m·ℓ tokens gets m − 1).
+- ``global`` (PG19 / arXiv, ``lm_benchmark/data/utils.py``): on the concatenated stream a landmark follows stream index
+  t whenever t mod ℓ = ℓ − 1, so n tokens from index 0 get ⌊n/ℓ⌋; ``start`` continues the grid of a longer stream.
+
+Either way landmark i (counting from 0, grid starting at index 0) lands at augmented index i·(ℓ + 1) + ℓ.
+
+Labels (spec §1.3) follow lit-longctx's convention of *aligned* targets (``labels[t]`` is the token that should follow
+``input_ids[t]``, −100 = ignored, no shift in the model). ``include_landmark_in_loss``:
+
+- False (default; PG19 training, the Triton LLaMA path): no target is the landmark; targets at landmark inputs are
+  ignored; the token before a landmark targets the token after it.
+- True (reproduces the released LLaMA weights): the token before a landmark targets ``<landmark>`` and the landmark
+  targets the next regular token.
+
+For LLaMA checkpoints the ``<landmark>`` token is added to the tokenizer and the embedding and output rows grow, new
+rows initialised to the mean of the existing rows (``llama/train.py``'s resize, spec §1.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lit_longctx.nn.attention.landmark import insert_on_grid
+from lit_longctx.nn.llama import Transformer
+from lit_longctx.nn.loss import IGNORE_INDEX
+from lit_longctx.tokenizers import Tokenizer
+
+Rule = Literal["per_row", "global"]
+LANDMARK_PIECE = "<landmark>"
+
+TokenLike = torch.Tensor | np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _as_ids(ids: TokenLike) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers, got {t.dtype}")
+    return t.long()
+
+
+def _check_freq(mem_freq: int) -> None:
+    if not isinstance(mem_freq, int) or mem_freq < 1:
+        raise ValueError(f"mem_freq must be an integer >= 1 (regular tokens per block, e.g. 50), got {mem_freq!r}")
+
+
+def insert_landmarks(
+    ids: TokenLike, mem_freq: int, landmark_id: int, rule: Rule = "per_row", start: int = 0
+) -> torch.Tensor:
+    """Insert ``landmark_id`` every ``mem_freq`` tokens along the last dim of ``ids`` (..., n).
+
+    Args:
+        rule: ``per_row`` (no landmark after the last token of a row) or ``global`` (stream grid).
+        start: ``global`` only: stream index of the first token, so the grid continues across pieces of a stream.
+    """
+    _check_freq(mem_freq)
+    ids = _as_ids(ids)
+    if bool((ids == landmark_id).any()):
+        raise ValueError(f"the input already holds landmark id {landmark_id}; remove_landmarks() first")
+    if rule == "global":
+        if start < 0:
+            raise ValueError(f"start must be >= 0 (stream index of the first token), got {start}")
+        return insert_on_grid(ids, mem_freq, landmark_id, start % mem_freq)
+    if rule != "per_row":
+        raise ValueError(f"rule={rule!r} is unknown; use 'per_row' (LLaMA) or 'global' (PG19)")
+    if start:
+        raise ValueError("start only applies to rule='global'; per-row insertion always starts a row on the grid")
+    out = insert_on_grid(ids, mem_freq, landmark_id)
+    n = ids.shape[-1]
+    return out[..., :-1] if n and n % mem_freq == 0 else out
+
+
+def remove_landmarks(ids: TokenLike, landmark_id: int) -> torch.Tensor:
+    """Drop every landmark (the inverse of :func:`insert_landmarks`); rows of a 2-D input must hold as many."""
+    ids = _as_ids(ids)
+    keep = ids != landmark_id
+    if ids.dim() == 1:
+        return ids[keep]
+    counts = keep.sum(-1)
+    if bool((counts != counts.flatten()[0]).any()):
+        raise ValueError("rows hold different numbers of landmarks; remove them row by row")
+    return ids[keep].view(*ids.shape[:-1], int(counts.flatten()[0]) if counts.numel() else 0)
+
+
+def landmark_labels(
+    ids: TokenLike,
+    landmark_id: int,
+    include_landmark_in_loss: bool = False,
+    eot_id: int | None = None,
+    pad_id: int | None = None,
+) -> torch.Tensor:
+    """Aligned targets for a landmark-augmented window (..., n), from the tokens that follow inside it.
+
+    ``include_landmark_in_loss=False`` (PG19 ``optim/utils.py``): target = next token, or the one after it when the
+    next is a landmark; ignored where the input is a landmark or ``eot_id`` (no loss for a new document's first
+    token). ``True``: target = next token, landmarks included. Targets equal to ``pad_id`` are ignored. Positions whose
+    target lies past the end are ignored: cut windows one or two tokens longer and crop the result to keep them.
+    """
+    ids = _as_ids(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    n = ids.shape[-1]
+    if n < 2:
+        return labels
+    nxt = ids[..., 1:]
+    if include_landmark_in_loss:
+        labels[..., :-1] = nxt
+    else:
+        after = torch.cat([ids[..., 2:], torch.full_like(ids[..., :1], IGNORE_INDEX)], dim=-1)
+        labels[..., :-1] = torch.where(nxt == landmark_id, after, nxt)
+        labels[ids == landmark_id] = IGNORE_INDEX
+    if eot_id is not None:
+        labels[ids == eot_id] = IGNORE_INDEX
+    if pad_id is not None:
+        labels[labels == pad_id] = IGNORE_INDEX
+    return labels
+
+
+class LandmarkInsertion:
+    """Batch transform: ``{input_ids (B, n), labels (B, n), ...}`` of ordinary tokens with aligned targets ->
+    the landmark-augmented batch.
+
+    Targets come from the source's own labels (which know the token after each row's end): a regular token keeps its
+    target; with ``include_landmark_in_loss`` the token before a landmark targets the landmark and the landmark takes
+    the regular token's target, otherwise the landmark's target is ignored. An ignored target stays ignored.
+    ``eot_id`` additionally ignores targets at end-of-text inputs (PG19). ``position_ids`` (contiguous rows only)
+    are renumbered; other per-token tensors are refused rather than guessed.
+    """
+
+    def __init__(
+        self,
+        mem_freq: int,
+        landmark_id: int,
+        rule: Rule = "per_row",
+        include_landmark_in_loss: bool = False,
+        eot_id: int | None = None,
+    ) -> None:
+        _check_freq(mem_freq)
+        if rule not in ("per_row", "global"):
+            raise ValueError(f"rule={rule!r} is unknown; use 'per_row' (LLaMA) or 'global' (PG19)")
+        self.mem_freq, self.landmark_id, self.rule = mem_freq, landmark_id, rule
+        self.include_landmark_in_loss, self.eot_id = include_landmark_in_loss, eot_id
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        x = _as_ids(batch["input_ids"])
+        b, n = x.shape
+        unknown = [key for key, value in batch.items() if key not in ("input_ids", "labels", "position_ids")
+                   and isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == (b, n)]
+        if unknown:
+            raise ValueError(f"batch key {unknown[0]!r} is per-token; LandmarkInsertion does not know how to extend it")
+        aug = insert_landmarks(x, self.mem_freq, self.landmark_id, self.rule)
+        t = torch.arange(n)
+        index = t + t // self.mem_freq  # augmented index of regular token t (grid from column 0)
+        out = dict(batch)
+        out["input_ids"] = aug
+        if "labels" in batch:
+            y = _as_ids(batch["labels"])
+            if y.shape != x.shape:
+                raise ValueError(f"labels shape {tuple(y.shape)} != input_ids shape {tuple(x.shape)}")
+            if self.eot_id is not None:
+                y = y.masked_fill(x == self.eot_id, IGNORE_INDEX)
+            labels = torch.full_like(aug, IGNORE_INDEX)
+            closes = (t + 1) % self.mem_freq == 0
+            closes &= index + 1 < aug.shape[1]  # a landmark really follows (per-row: none after the last token)
+            if self.include_landmark_in_loss:
+                labels[:, index] = torch.where(closes & (y != IGNORE_INDEX), self.landmark_id, y)
+                labels[:, index[closes] + 1] = y[:, closes]
+            else:
+                labels[:, index] = y
+            out["labels"] = labels
+        if "position_ids" in batch:
+            pos = torch.as_tensor(batch["position_ids"])
+            if bool((pos != pos[:, :1] + torch.arange(n)).any()):
+                raise ValueError("landmark insertion needs contiguous position_ids per row (no packed restarts)")
+            out["position_ids"] = pos[:, :1] + torch.arange(aug.shape[1])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- vocabulary
+def landmark_token_id(tokenizer: Tokenizer, piece: str = LANDMARK_PIECE) -> int:
+    """The id of ``<landmark>`` in ``tokenizer``, adding it as a special token (next free id) if missing."""
+    return tokenizer.add_special_token(piece)
+
+
+@torch.no_grad()
+def mean_init_rows(model: Transformer, start: int) -> None:
+    """Set embedding rows (and untied output rows) ``start:`` to the mean of rows ``:start`` (spec §1.1)."""
+    if not 0 < start <= model.config.vocab_size:
+        raise ValueError(f"start must be in [1, vocab_size={model.config.vocab_size}], got {start}")
+    mats = [model.model.embed_tokens.weight]
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        mats.append(model.lm_head.weight)
+    for w in mats:
+        w[start:] = w[:start].float().mean(0).to(w.dtype)
+
+
+@torch.no_grad()
+def resize_token_embeddings(model: Transformer, new_vocab: int) -> None:
+    """Grow the input embedding and ``lm_head`` to ``new_vocab`` rows, new rows mean-initialised, and update
+    ``model.config.vocab_size``. Existing rows are kept; tied embeddings stay tied. Build optimizers afterwards
+    (the parameters are new tensors)."""
+    old = model.config.vocab_size
+    if new_vocab < old:
+        raise ValueError(f"new_vocab={new_vocab} is smaller than the model's vocab_size={old}; shrinking would drop "
+                         "trained rows")
+    if new_vocab == old:
+        return
+    emb = model.model.embed_tokens
+    w = emb.weight
+    new_emb = nn.Embedding(new_vocab, w.shape[1], device=w.device, dtype=w.dtype)
+    new_emb.weight[:old] = w
+    model.model.embed_tokens = new_emb
+    if model.config.tie_embeddings:
+        model.lm_head = nn.Linear(w.shape[1], new_vocab, bias=False, device=w.device, dtype=w.dtype)
+        model.lm_head.weight = new_emb.weight
+    else:
+        hw = model.lm_head.weight
+        head = nn.Linear(hw.shape[1], new_vocab, bias=False, device=hw.device, dtype=hw.dtype)
+        head.weight[:old] = hw
+        model.lm_head = head
+    model.config.vocab_size = new_vocab
+    mean_init_rows(model, old)
