@@ -83,10 +83,7 @@ def flops_per_token(
         with torch.device("meta"):
             meta = Transformer(config)
         return meta.flops_per_token(seq_len, include_embedding=include_embedding)
-    n = config.num_params(include_embedding=True)
-    if not include_embedding and not config.tie_embeddings:
-        # a tied table is also the lm_head weight, whose matmul is real: it stays counted once
-        n -= config.vocab_size * config.dim
+    n = config.num_params(include_embedding=include_embedding)
     return palm_flops_per_token(n, config.n_layers, config.n_heads, config.head_dim, seq_len)
 
 
@@ -147,8 +144,6 @@ def measured_flops_per_batch(
     with device:
         model = Transformer(config)
         input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
-    # The ids are all 0, hence valid; the model's token-range check reads values, which meta tensors do not have.
-    model.check_input_ids = lambda ids: None
     try:
         return measure_flops(model, lambda: model(input_ids).logits, loss_fn=torch.Tensor.sum)
     except RuntimeError as e:

@@ -259,7 +259,8 @@ def train_sentencepiece(
     """Train a small sentencepiece model locally (BPE on a few MB takes about a second on CPU).
 
     Ids: pad 0, unk 1, bos 2, eos 3 (LLaMA uses unk 0, bos 1, eos 2 and no pad; any fixed choice works for models
-    trained from scratch). Byte fallback is on so any text round-trips.
+    trained from scratch). As in LLaMA's tokenizer, text is not normalised (no NFKC, whitespace kept, so code keeps
+    its indentation) and unknown characters fall back to bytes, so any text round-trips exactly.
     """
     import sentencepiece as spm
 
@@ -272,12 +273,14 @@ def train_sentencepiece(
         model_type=model_type,
         character_coverage=1.0,
         byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
         pad_id=0,
         unk_id=1,
         bos_id=2,
         eos_id=3,
         num_threads=2,
         minloglevel=2,
-        train_extremely_large_corpus=False,
     )
     return SentencePieceTokenizer(model_prefix.with_suffix(".model"))

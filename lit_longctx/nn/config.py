@@ -107,15 +107,15 @@ class RopeConfig:
         scaling.pop("type", None)
         rope_theta = scaling.pop("rope_theta", rope_theta)
         scaling.pop("partial_rotary_factor", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(scaling) - known
-        if unknown:
-            raise ConfigError(f"unsupported rope scaling keys {sorted(unknown)} for rope_type={rope_type!r}")
         if rope_type not in ("default", "linear", "dynamic", "yarn", "llama3"):
             raise ConfigError(
                 f"rope_type={rope_type!r} is not supported by lit-longctx (supported: default, linear, dynamic, yarn, "
                 "llama3)"
             )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(scaling) - known
+        if unknown:
+            raise ConfigError(f"unsupported rope scaling keys {sorted(unknown)} for rope_type={rope_type!r}")
         return cls(rope_theta=float(rope_theta), rope_type="none" if rope_type == "default" else rope_type, **scaling)
 
 
@@ -225,16 +225,21 @@ class ModelConfig:
         return self.n_kv_heads * self.head_dim
 
     def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count computed from the shapes (no model needed)."""
+        """Parameter count computed from the shapes (no model needed).
+
+        ``include_embedding=False`` leaves out the input embedding (a gather, not a matmul, for FLOP counts); a tied
+        table is also the output projection, so it stays counted.
+        """
         attn = self.dim * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.dim
         if self.attention_bias:
             attn += self.q_dim + 2 * self.kv_dim + self.dim
         mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * self.dim
         total = self.n_layers * per_layer + self.dim
-        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        embed = self.vocab_size * self.dim
-        return total + head + (embed if include_embedding else 0)
+        table = self.vocab_size * self.dim
+        if self.tie_embeddings:  # one table serves as embedding and output projection: counted once either way
+            return total + table
+        return total + table + (table if include_embedding else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

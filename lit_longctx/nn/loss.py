@@ -33,14 +33,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = labels[start : start + chunk_size]
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, 0).unsqueeze(1)
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            nll = lse - logits.gather(1, target)
+            logits = (h @ weight.t()).float()  # (n, V), the only vocab-sized tile
+            target_logit = logits.gather(1, target)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            # exp(logits - max) in place: one pass serves both the logsumexp and the softmax of the gradient
+            probs = logits.sub_(row_max).exp_()
+            sum_exp = probs.sum(dim=-1, keepdim=True)
+            nll = sum_exp.log() + row_max - target_logit  # logsumexp - logit[target], (n, 1)
             total += (nll.squeeze(1) * valid).sum()
             if need_h or need_w:
-                grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-                grad.mul_((valid.unsqueeze(1) * inv_denom).to(grad.dtype))
+                scale = valid.unsqueeze(1) * inv_denom  # (n, 1): 1/denom for counted targets, 0 for ignored ones
+                grad = probs.mul_(scale / sum_exp)  # softmax / denom
+                grad.scatter_add_(1, target, -scale)  # - onehot / denom
                 grad = grad.to(hidden.dtype)
                 if need_h:
                     grad_h[start : start + chunk_size] = grad @ weight

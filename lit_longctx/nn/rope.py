@@ -151,6 +151,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (..., head_dim) by tables broadcastable to it; float32 arithmetic, result in x's dtype."""
-    xf = x.float()
+    """Rotate ``x`` (..., head_dim) by tables broadcastable to it; at least float32 arithmetic, result in x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

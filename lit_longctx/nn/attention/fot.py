@@ -70,6 +70,47 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+# ------------------------------------------------------------------------------------------- HF config interop
+#: LongLLaMA's HF config keys (``configuration_longllama.py``) and their defaults there, held as ``fot`` options
+LONGLLAMA_KEYS: dict[str, Any] = {"last_context_length": 1024, "mem_dtype": "bfloat16", "mem_positionals": True,
+                                  "mem_attention_grouping": None, "torch_attention": False}
+#: the JAX trainer's cross-batch keys (``llama_model.py`` ``LLaMAConfig``) and their defaults there
+JAX_KEYS: dict[str, Any] = {"cross_batch_range": 0, "cross_batch_stepping": True, "dataset_packing": 1,
+                            "scan_cross_batch": False}
+
+
+def memory_layers(config: ModelConfig) -> list[int]:
+    """Indices of the layers whose attention kind is ``fot``."""
+    return [i for i in range(config.n_layers) if config.attention_kind(i) == "fot"]
+
+
+def longllama_config(config: ModelConfig) -> dict[str, Any]:
+    """The memory settings of ``config`` under LongLLaMA's and the JAX code's config.json key names (spec §8).
+
+    ``mem_layers`` lists the ``fot`` layers; the other keys come from ``attention_options["fot"]``, else the defaults of
+    the original code. A dtype is written as its torch name (``"bfloat16"``), a grouping as a list.
+    """
+    opts = config.attention_options.get("fot", {})
+    out: dict[str, Any] = {"mem_layers": memory_layers(config)}
+    for key, default in {**LONGLLAMA_KEYS, **JAX_KEYS}.items():
+        out[key] = opts.get(key, default)
+    dtype = parse_dtype(out["mem_dtype"])
+    out["mem_dtype"] = None if dtype is None else str(dtype).removeprefix("torch.")
+    if out["mem_attention_grouping"] is not None:
+        out["mem_attention_grouping"] = [int(x) for x in out["mem_attention_grouping"]]
+    return out
+
+
+def longllama_layout(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """``layer_attention`` and ``attention_options`` (ModelConfig fields) for an HF config.json that carries LongLLaMA's
+    ``mem_layers`` (a LongLLaMA checkpoint, ``model_type: longllama``); None when it has no memory layers."""
+    layers = hf.get("mem_layers")
+    if not layers:
+        return None
+    options = {key: hf[key] for key in (*LONGLLAMA_KEYS, *JAX_KEYS) if key in hf}
+    return {"layer_attention": {int(i): "fot" for i in layers}, "attention_options": {"fot": options}}
+
+
 # ------------------------------------------------------------------------------------------------ cross-batch layout
 def cross_batch_row_ranges(
     batch_size: int,
@@ -167,6 +208,9 @@ def cross_batch_layout(
         raise ConfigError(f"dataset_packing must be >= 1, got {k}")
     if r < 0:
         raise ConfigError(f"cross_batch_range must be >= 0, got {r}")
+    slots = max(ranges) if ranges is not None else r
+    if slots == 0:  # plain attention: the rows need not form packs (e.g. a single prompt at inference)
+        return None
     if batch_size % k:
         raise ValueError(
             f"a microbatch of {batch_size} rows is not divisible by dataset_packing={k}: a pack of k consecutive "
@@ -175,9 +219,6 @@ def cross_batch_layout(
         )
     if mode == "paper":
         return _paper_layout(batch_size, r, k, device)
-    slots = max(ranges) if ranges is not None else r
-    if slots == 0:
-        return None
     d = cross_batch_row_ranges(batch_size, r, k, stepping, ranges)
     if max(d) < slots:
         needed = k

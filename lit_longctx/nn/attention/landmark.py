@@ -74,9 +74,15 @@ class LandmarkOptions:
         top_k: blocks retrieved per (token, head) at inference (≥ 1; fewer when fewer blocks are cached).
         selection: ``per_token_and_head`` (paper default), ``max_over_heads`` (same blocks for all heads of a token)
             or ``max_over_tokens`` (same blocks for all tokens of a chunk, per head; used with CPU offload).
-        chunk_length: regular tokens per prefill chunk (ℓ_local); default derived from max_seq_len and top_k as in the
-            maintained LLaMA code (:func:`default_chunk_length`).
+        chunk_length: regular tokens per prefill chunk (ℓ_local); default derived from train_context_length (else
+            max_seq_len) and top_k as in the maintained LLaMA code (:func:`default_chunk_length`).
         offload_to_cpu: keep complete cached blocks in CPU memory; only landmark keys stay on the compute device.
+        train_context_length: regular tokens per training row (the seed's ``train_context_length``, 512); the
+            default chunk length is derived from it (else from max_seq_len), so retrieved blocks and the chunk stay
+            within the distances seen in training.
+        include_landmark_in_loss: the training label convention (spec §1.3): True when the token before a landmark
+            learnt to predict ``<landmark>`` (the released LLaMA weights); :class:`LandmarkSession` then reads the
+            next ordinary token from the landmark's output.
     """
 
     landmark_id: int | None = None
@@ -86,13 +92,31 @@ class LandmarkOptions:
     selection: Selection = "per_token_and_head"
     chunk_length: int | None = None
     offload_to_cpu: bool = False
+    train_context_length: int | None = None
+    include_landmark_in_loss: bool = False
 
     @property
     def block(self) -> int:
         return self.mem_freq + 1
 
+    def check_settings(self) -> LandmarkOptions:
+        """Validate everything but the landmark id (which needs the vocabulary)."""
+        where = "attention_options['landmark']"
+        if not isinstance(self.mem_freq, int) or isinstance(self.mem_freq, bool) or self.mem_freq < 1:
+            raise ConfigError(f"{where}['mem_freq'] must be an integer >= 1 (e.g. 50), got {self.mem_freq!r}")
+        if self.path not in ("blockwise", "reference"):
+            raise ConfigError(f"{where}['path']={self.path!r} is unknown; use 'blockwise' or 'reference'")
+        check_top_k(self.top_k)
+        check_selection(self.selection)
+        for name in ("chunk_length", "train_context_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{where}['{name}'] must be None or an integer >= 1, got {value!r}")
+        return self
+
     def validate(self, vocab_size: int) -> LandmarkOptions:
         where = "attention_options['landmark']"
+        self.check_settings()
         if self.landmark_id is None:
             raise ConfigError(
                 f"landmark attention needs {where}['landmark_id']: the id of the <landmark> token (add it with "
@@ -104,14 +128,6 @@ class LandmarkOptions:
                 "token to the tokenizer and grow the embeddings first (resize_token_embeddings), or set vocab_size "
                 "to include it"
             )
-        if not isinstance(self.mem_freq, int) or self.mem_freq < 1:
-            raise ConfigError(f"{where}['mem_freq'] must be an integer >= 1 (e.g. 50), got {self.mem_freq!r}")
-        if self.path not in ("blockwise", "reference"):
-            raise ConfigError(f"{where}['path']={self.path!r} is unknown; use 'blockwise' or 'reference'")
-        check_top_k(self.top_k)
-        check_selection(self.selection)
-        if self.chunk_length is not None and (not isinstance(self.chunk_length, int) or self.chunk_length < 1):
-            raise ConfigError(f"{where}['chunk_length'] must be None or an integer >= 1, got {self.chunk_length!r}")
         return self
 
     @classmethod
@@ -137,11 +153,11 @@ def check_selection(selection: str) -> str:
     return selection
 
 
-def default_chunk_length(max_seq_len: int, mem_freq: int, top_k: int) -> int:
-    """Regular tokens per prefill chunk: the maintained LLaMA code's window L − (L mod Bk) − (k+1)·Bk (204 for
-    L = 512, Bk = 51, k = 5), in whole blocks, at least one block."""
+def default_chunk_length(context: int, mem_freq: int, top_k: int) -> int:
+    """Regular tokens per prefill chunk for a model trained on ``context`` tokens: the maintained LLaMA code's window
+    L − (L mod Bk) − (k+1)·Bk (204 for L = 512, Bk = 51, k = 5), in whole blocks, at least one block."""
     block = mem_freq + 1
-    window = max_seq_len - max_seq_len % block - (top_k + 1) * block
+    window = context - context % block - (top_k + 1) * block
     return max(1, window // block) * mem_freq
 
 
@@ -681,13 +697,13 @@ class LandmarkSession(DecodingSession):
 
     The grid is aligned to the first token fed (the prompt start); a landmark is appended whenever fed or generated
     tokens complete a block of ``mem_freq``. Prompts are prefilled in chunks of ``prefill_chunk`` regular tokens
-    (default: ``chunk_length`` or :func:`default_chunk_length`).
+    (default: ``chunk_length``, else :func:`default_chunk_length` of ``train_context_length`` or max_seq_len).
 
     Which output predicts the next ordinary token after a regular token that a landmark follows:
-    ``include_landmark_in_loss=False`` (default, landmarks never predicted in training) uses the regular token's own
+    ``include_landmark_in_loss=False`` (landmarks never predicted in training) uses the regular token's own
     output, as the Triton-path model's ``drop_last_logit_if_mem``; ``True`` (the released LLaMA weights, which
-    learnt to predict ``<landmark>`` there) uses the landmark's output. ``suppress_landmark`` sets the landmark
-    logit to −inf so that sampling never emits it.
+    learnt to predict ``<landmark>`` there) uses the landmark's output. Default: the model's option of that name.
+    ``suppress_landmark`` sets the landmark logit to −inf so that sampling never emits it.
 
     Keyword overrides ``top_k``, ``selection``, ``offload_to_cpu`` replace the layers' options for this session.
     :meth:`forward_logits` returns the logits of every fed ordinary token (perplexity over long inputs).
@@ -702,15 +718,15 @@ class LandmarkSession(DecodingSession):
         top_k: int | None = None,
         selection: str | None = None,
         offload_to_cpu: bool | None = None,
-        include_landmark_in_loss: bool = False,
+        include_landmark_in_loss: bool | None = None,
         suppress_landmark: bool = True,
         **_: Any,
     ) -> None:
         opts = LandmarkOptions.from_config(model.config)
         self.mem_freq, self.landmark_id = opts.mem_freq, opts.landmark_id
         k_eff = check_top_k(top_k) if top_k is not None else opts.top_k
-        chunk = prefill_chunk or opts.chunk_length or default_chunk_length(model.config.max_seq_len, opts.mem_freq,
-                                                                           k_eff)
+        context = opts.train_context_length or model.config.max_seq_len
+        chunk = prefill_chunk or opts.chunk_length or default_chunk_length(context, opts.mem_freq, k_eff)
         if chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 regular tokens, got {chunk}")
         super().__init__(model, batch_size=batch_size, prefill_chunk=chunk)
@@ -722,7 +738,8 @@ class LandmarkSession(DecodingSession):
                     cache.selection = check_selection(selection)
                 if offload_to_cpu is not None:
                     cache.offload_to_cpu = offload_to_cpu
-        self.include_landmark_in_loss = include_landmark_in_loss
+        self.include_landmark_in_loss = (opts.include_landmark_in_loss if include_landmark_in_loss is None
+                                         else include_landmark_in_loss)
         self.suppress_landmark = suppress_landmark
         self.filled = 0  # regular tokens in the open block
 
