@@ -21,6 +21,8 @@ from lit_longctx.eval.report import heatmap_figure, log_figure, run_dir, summary
 from lit_longctx.eval.tasks import retrieval_record
 from lit_longctx.tokenizers import ByteTokenizer
 
+DEFAULT_KEY_RANGE = (1, 50000)
+
 
 class LongEvalCallback(L.Callback):
     """Runs a retrieval grid every ``every_n_steps`` optimizer steps and logs accuracy and the heatmap.
@@ -36,7 +38,8 @@ class LongEvalCallback(L.Callback):
         template: prompt template (default: the task's standard one).
         needle_template: multikey only: one needle with ``{name}`` and ``{value}``.
         n_keys: multikey only: needles per prompt.
-        key_range: inclusive range of keys / values.
+        key_range: inclusive range of keys / values; None: the training data module's ``key_range`` when it has one
+            (``PasskeyMixData``: evaluate the keys it trains on), else the seeds' (1, 50000).
         bos: start prompts with the tokenizer's BOS.
         session_kwargs: keyword arguments for ``pl_module.inference_session`` (e.g. ``prefill_chunk``).
         save_heatmap: save the heatmap PNG and send it to image-capable loggers.
@@ -54,7 +57,7 @@ class LongEvalCallback(L.Callback):
         template: str | None = None,
         needle_template: str | None = None,
         n_keys: int = 4,
-        key_range: tuple[int, int] = (1, 50000),
+        key_range: tuple[int, int] | None = None,
         bos: bool = True,
         session_kwargs: dict[str, Any] | None = None,
         save_heatmap: bool = True,
@@ -63,9 +66,10 @@ class LongEvalCallback(L.Callback):
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.task_args = dict(template=template, seed=seed, key_range=tuple(key_range), bos=bos, n_keys=n_keys,
-                              needle_template=needle_template)
-        build_task(task, ByteTokenizer(), **self.task_args)  # fail now on bad templates or keys
+        self.task_args = dict(template=template, seed=seed, bos=bos, n_keys=n_keys, needle_template=needle_template)
+        self.key_range = None if key_range is None else tuple(key_range)
+        # fail now on bad templates or keys
+        build_task(task, ByteTokenizer(), key_range=self.key_range or DEFAULT_KEY_RANGE, **self.task_args)
         self.every_n_steps = every_n_steps
         self.specs = retrieval_grid(lengths, depths, trials)
         self.task = task
@@ -75,8 +79,8 @@ class LongEvalCallback(L.Callback):
         self._batches: list[dict[str, Any]] | None = None
         self._last_step = -1
 
-    def batches(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
-        """The grid's batches, built with the module's tokenizer on first use."""
+    def batches(self, pl_module: L.LightningModule, datamodule: Any = None) -> list[dict[str, Any]]:
+        """The grid's batches, built with the module's tokenizer on first use (keys: see ``key_range``)."""
         if self._batches is None:
             tokenizer = getattr(pl_module, "tokenizer", None)
             if tokenizer is None:
@@ -84,7 +88,8 @@ class LongEvalCallback(L.Callback):
                     "LongEvalCallback builds prompts with the module's tokenizer, but pl_module.tokenizer is None; "
                     "give the module a tokenizer (model.tokenizer in the config)"
                 )
-            task = build_task(self.task, tokenizer, **self.task_args)
+            key_range = self.key_range or getattr(datamodule, "key_range", None) or DEFAULT_KEY_RANGE
+            task = build_task(self.task, tokenizer, key_range=tuple(key_range), **self.task_args)
             self._batches = [sample_batch(task.sample(*spec), i, self.max_new_tokens, self.session_kwargs)
                              for i, spec in enumerate(self.specs)]
         return self._batches
@@ -102,7 +107,7 @@ class LongEvalCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Run the grid now, log it, and return its summary (see ``summarize_retrieval``)."""
         records = []
-        for batch in self.batches(pl_module):
+        for batch in self.batches(pl_module, getattr(trainer, "datamodule", None)):
             batch = dict(batch, input_ids=batch["input_ids"].to(pl_module.device))
             records.append(retrieval_record(pl_module, batch))
         summary = summarize_retrieval(records)

@@ -1,11 +1,17 @@
-"""Evaluation DataModules for long context: retrieval grids (passkey / multi-key) and long-document perplexity.
+"""Passkey data for long context: evaluation grids, long-document perplexity, and retrieval training data.
 
-Both yield one prompt or window per batch (lengths differ across the grid) as a dict with a ``task`` key, which
-``CausalLM.test_step`` hands to :mod:`lit_longctx.eval.tasks`. The datasets are iterable and shard themselves across
-ranks in *lockstep*: items are grouped by target length and each group is padded (repeating its own items, marked by
-their ``index`` so the gathered results count each prompt once) to a multiple of the world size, so at every step all
-ranks run a prompt of the same target length. Sharded models (FSDP) need that: every rank must run the same number
-of forward calls.
+Evaluation (:class:`PasskeyData`, :class:`LongDocData`): one prompt or window per batch (lengths differ across the grid)
+as a dict with a ``task`` key, which ``CausalLM.test_step`` hands to :mod:`lit_longctx.eval.tasks`. The datasets are
+iterable and shard themselves across ranks in *lockstep*: items are grouped by target length and each group is padded
+(repeating its own items, marked by their ``index`` so the gathered results count each prompt once) to a multiple of
+the world size, so at every step all ranks run a prompt of the same target length. Sharded models (FSDP) need that:
+every rank must run the same number of forward calls.
+
+Training (:class:`PasskeyDocuments`, :class:`PasskeyStream`, :class:`PasskeyMixData`): passkey *documents* (the
+evaluation prompt followed by its answer, e.g. ``... What is the pass key? The pass key is 12345.``) of random token
+length and needle depth, as an iterable of token-id documents (a ``DocumentSource`` for the doc-aware pipelines of
+:mod:`lit_longctx.datamodules.doc_aware`), as training rows, and as a DataModule mixing those rows with ordinary text
+(resumable and rank-sharded like every training stream, :class:`~lit_longctx.datamodules.base.SampleStream`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,24 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lit_longctx.datamodules.base import LongCtxDataModule
-from lit_longctx.eval.passkey import TASKS, build_task, retrieval_grid, sample_batch
+from lit_longctx.datamodules.base import LongCtxDataModule, SampleStream
+from lit_longctx.datamodules.sources import TextSource
+from lit_longctx.datamodules.text import MixtureStream, TextData
+from lit_longctx.eval.passkey import (
+    ANSWER_TEMPLATE,
+    TASKS,
+    RetrievalDocument,
+    build_task,
+    check_template,
+    retrieval_grid,
+    sample_batch,
+)
 from lit_longctx.eval.perplexity import TASK as PPL_TASK
 from lit_longctx.eval.perplexity import document_tokens, position_edges
+from lit_longctx.nn.loss import IGNORE_INDEX
 from lit_longctx.tokenizers import ByteTokenizer, Tokenizer
+
+LABELS = ("all", "answer")
 
 
 def lockstep_shard(groups: Sequence[Sequence[int]], rank: int, world: int) -> list[int]:
@@ -284,3 +303,264 @@ class LongDocData(_EvalData):
             return batch
 
         return LockstepItems([list(range(len(chosen)))], build)
+
+
+# ------------------------------------------------------------------------------------------------------------ training
+def _range(values: Sequence[float], name: str, low: float, high: float | None = None) -> tuple[float, float]:
+    values = tuple(values)
+    if len(values) != 2 or not low <= values[0] <= values[1] or (high is not None and values[1] > high):
+        bound = f"{low} <= min <= max" + (f" <= {high}" if high is not None else "")
+        raise ValueError(f"{name} must be (min, max) with {bound}, got {list(values)}")
+    return values[0], values[1]
+
+
+class PasskeyDocuments:
+    """Retrieval training documents (prompt + answer) as token ids, of random token length and needle depth.
+
+    Document ``i`` is a pure function of ``(seed, i)``: a generator seeded with them draws its length uniformly from
+    ``lengths`` and its depth uniformly from ``depths``; the task draws the key from ``(seed, length, depth, i)``
+    (:meth:`lit_longctx.eval.passkey.PasskeyTask.document`). So any document is built alone, in any process and order,
+    and, the depths being continuous draws, training prompts never coincide with an evaluation grid's prompts.
+
+    It is a ``DocumentSource`` of :mod:`lit_longctx.datamodules.doc_aware` in both forms: a re-iterable, indexable
+    collection of ``num_documents`` documents (lists of ids) and a callable ``start -> iterator``. :meth:`record`
+    gives a document with its answer span (for answer-only labels).
+
+    Args:
+        tokenizer: the model's tokenizer; lengths count its tokens.
+        lengths: inclusive (min, max) document length in tokens (BOS, prompt, answer and EOS together).
+        depths: inclusive (min, max) needle depth, within [0, 1].
+        task: ``passkey`` (Landmark Attention's prompt) or ``multikey``.
+        seed: seeds every document.
+        key_range: inclusive range of the keys.
+        template: prompt template (default: the task's standard one, as in evaluation).
+        needle_template: multikey only: one needle with ``{name}`` and ``{value}``.
+        n_keys: multikey only: needles per prompt.
+        answer_template: the text after the prompt, with ``{key}`` (default ``" {key}."``).
+        bos: start every document with the tokenizer's BOS. False suits the doc-aware pipelines, which add BOS and EOS
+            themselves.
+        eos: end every document with the tokenizer's EOS (counted in its length).
+        num_documents: documents in one pass of the iterable (:meth:`record` builds any index).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        lengths: Sequence[int] = (128, 256),
+        depths: Sequence[float] = (0.0, 1.0),
+        task: Literal["passkey", "multikey"] = "passkey",
+        seed: int = 1234,
+        key_range: tuple[int, int] = (1, 50000),
+        template: str | None = None,
+        needle_template: str | None = None,
+        n_keys: int = 4,
+        answer_template: str = ANSWER_TEMPLATE,
+        bos: bool = True,
+        eos: bool = True,
+        num_documents: int = 1_000_000,
+    ) -> None:
+        low, high = _range(lengths, "lengths", 1)
+        self.lengths = (int(low), int(high))
+        self.depths = _range(depths, "depths", 0.0, 1.0)
+        if num_documents < 1:
+            raise ValueError(f"num_documents must be >= 1, got {num_documents}")
+        check_template(answer_template, ("key",), "answer")
+        self.task = build_task(task, tokenizer, template=template, seed=seed, key_range=tuple(key_range), bos=bos,
+                               n_keys=n_keys, needle_template=needle_template)
+        self.seed = seed
+        self.answer_template = answer_template
+        self.eos = eos
+        self.num_documents = num_documents
+        try:  # the shortest document must hold the prompt without filler
+            self.task.document(self.lengths[0], self.depths[0], 0, answer_template, eos)
+        except ValueError as err:
+            raise ValueError(f"{task} documents of lengths[0]={self.lengths[0]} tokens: {err} (raise the minimum "
+                             "length)") from err
+
+    def record(self, index: int) -> RetrievalDocument:
+        """Document ``index`` with its answer span."""
+        rng = random.Random(f"passkey-document|{self.seed}|{index}")
+        length = rng.randint(*self.lengths)
+        depth = rng.uniform(*self.depths)
+        return self.task.document(length, depth, index, self.answer_template, self.eos)
+
+    def __getitem__(self, index: int) -> list[int]:
+        if not 0 <= index < self.num_documents:
+            raise IndexError(f"document {index} is outside 0..{self.num_documents - 1}")
+        return self.record(index).input_ids
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __call__(self, start: int = 0) -> Iterator[list[int]]:
+        """One pass over the documents from index ``start``."""
+        return (self[i] for i in range(start, self.num_documents))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self(0)
+
+
+class PasskeyStream(SampleStream):
+    """Training rows of one passkey document each, a component of :class:`~lit_longctx.datamodules.text.MixtureStream`.
+
+    Row ``index`` of epoch ``e`` is document ``e·num_samples + index``, so every epoch brings new documents. Its ids
+    fill the row's T+1-token window: ``input_ids = ids[:-1]``, ``labels = ids[1:]`` (aligned targets); a shorter
+    document is padded (pad id in, -100 out) and ``position_ids`` run 0..T-1. With ``labels="answer"`` only the targets
+    that are answer tokens (and EOS) are kept, so the loss is the retrieval itself; with ``"all"`` every target of the
+    document counts (filler and the needle's key included).
+
+    Args:
+        documents: the documents; their longest must fit a row (at most ``seq_len + 1`` tokens).
+        seq_len: T.
+        num_samples: rows per epoch.
+        labels: ``all`` or ``answer``.
+        pad_id: input id of the padding.
+    """
+
+    def __init__(
+        self, documents: PasskeyDocuments, seq_len: int, num_samples: int, labels: str = "all", pad_id: int = 0
+    ) -> None:
+        super().__init__(seed=documents.seed, shuffle=False)
+        if labels not in LABELS:
+            raise ValueError(f"unknown labels {labels!r}: use 'answer' (answer tokens only) or 'all' (every token)")
+        if documents.lengths[1] > seq_len + 1:
+            raise ValueError(f"passkey documents of up to {documents.lengths[1]} tokens do not fit rows of seq_len="
+                             f"{seq_len} (at most seq_len + 1 = {seq_len + 1} tokens); lower the maximum length")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.documents = documents
+        self.seq_len = seq_len
+        self._num_samples = num_samples
+        self.labels = labels
+        self.pad_id = pad_id
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def get_sample(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        doc = self.documents.record(epoch * self._num_samples + index)
+        ids = torch.tensor(doc.input_ids, dtype=torch.long)
+        n, t = ids.numel() - 1, self.seq_len
+        input_ids = torch.full((t,), self.pad_id, dtype=torch.long)
+        labels = torch.full((t,), IGNORE_INDEX, dtype=torch.long)
+        input_ids[:n], labels[:n] = ids[:-1], ids[1:]
+        if self.labels == "answer":
+            labels[: doc.answer_start - 1] = IGNORE_INDEX  # target j is token j + 1: keep j + 1 >= answer_start
+        return {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(t)}
+
+
+class PasskeyMixData(TextData):
+    """:class:`~lit_longctx.datamodules.text.TextData` rows mixed with passkey rows, for training retrieval.
+
+    A ``passkey_fraction`` of the training rows are :class:`PasskeyStream` rows (one passkey document each, random
+    length in ``passkey_lengths`` and depth in ``passkey_depths``), the rest the text rows of ``sources``, blended
+    deterministically by :class:`~lit_longctx.datamodules.text.MixtureStream`; an epoch holds every text row once
+    and passkey rows in proportion (with ``passkey_fraction=1``, as many passkey rows as there are text rows).
+    Resuming and rank sharding are those of every training stream. Validation is the text's held-out split; watch
+    retrieval during training with :class:`~lit_longctx.callbacks.LongEvalCallback`, or afterwards with
+    ``configs/eval/passkey.yaml``, which keeps ``task``, ``key_range``, ``template``, ``needle_template``, ``n_keys``
+    and ``seed`` when composed after a config of this module (the same names as :class:`PasskeyData`'s).
+
+    Labels (``passkey_labels``): ``all`` (default) trains on every token of a passkey row; ``answer`` puts its loss
+    on the answer tokens (and EOS) only. ``answer`` looks cleaner (the key's first occurrence is random, the filler
+    fixed text), but the batch loss is the mean over all targets of the batch, so the answer targets are a small share
+    of it, and ``all`` also trains the needle's own repetition of the key (``K. Remember it. K is``), a second
+    copy-from-context target: in the baseline experiment (docs/results.md) ``all`` learned retrieval clearly sooner.
+
+    Args:
+        sources: text sources (see :class:`TextData`), e.g. ``builtin:pydoc``.
+        passkey_fraction: share of training rows that are passkey rows, in [0, 1].
+        passkey_lengths: inclusive (min, max) passkey document length in tokens (BOS, prompt, answer, EOS), at most
+            ``seq_len + 1``; default ``(seq_len // 2, seq_len + 1)``.
+        passkey_depths: inclusive (min, max) needle depth within [0, 1].
+        passkey_labels: ``all`` or ``answer`` (see above).
+        task: ``passkey`` or ``multikey`` (several key/value needles, one asked for).
+        key_range: inclusive range of the keys (smaller keys are fewer tokens to copy).
+        template: prompt template (default: the task's standard one, as in evaluation).
+        needle_template: multikey only: one needle with ``{name}`` and ``{value}``.
+        n_keys: multikey only: needles per prompt.
+        answer_template: what follows the prompt, with ``{key}`` (default ``" {key}."``).
+        tokenizer: tokenizer path or ``byte``; leave None with ``train_tokenizer``.
+        seq_len: tokens per training row (T).
+        batch_size: rows per batch on each device (B).
+        num_workers: DataLoader worker processes.
+        seed: seeds the training order and the passkey documents.
+        train_tokenizer: train a sentencepiece BPE with this many pieces on the text's training documents (cached).
+        tokenizer_sample_chars: at most this many characters of training text train the tokenizer.
+        cache_dir: where tokenizers and token files are cached.
+        val_fraction: fraction of each text source's documents held out for validation.
+        val_docs: number of documents per text source held out instead.
+        shuffle: visit each text source's rows in a seeded random order per epoch.
+    """
+
+    def __init__(
+        self,
+        sources: list[str | TextSource],
+        passkey_fraction: float = 0.5,
+        passkey_lengths: tuple[int, int] | None = None,
+        passkey_depths: tuple[float, float] = (0.0, 1.0),
+        passkey_labels: Literal["all", "answer"] = "all",
+        task: Literal["passkey", "multikey"] = "passkey",
+        key_range: tuple[int, int] = (1, 50000),
+        template: str | None = None,
+        needle_template: str | None = None,
+        n_keys: int = 4,
+        answer_template: str = ANSWER_TEMPLATE,
+        tokenizer: str | None = None,
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 1234,
+        train_tokenizer: int | None = None,
+        tokenizer_sample_chars: int = 20_000_000,
+        cache_dir: str = "~/.cache/lit-longctx/text",
+        val_fraction: float = 0.05,
+        val_docs: int | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(sources, tokenizer, seq_len, batch_size, num_workers, seed, train_tokenizer,
+                         tokenizer_sample_chars, cache_dir, val_fraction, val_docs, shuffle)
+        if not 0.0 <= passkey_fraction <= 1.0:
+            raise ValueError(f"passkey_fraction must lie in [0, 1] (share of passkey rows), got {passkey_fraction}")
+        if passkey_labels not in LABELS:
+            raise ValueError(f"unknown passkey_labels {passkey_labels!r}: use 'answer' (answer tokens only) or 'all'")
+        lengths = (seq_len // 2, seq_len + 1) if passkey_lengths is None else tuple(passkey_lengths)
+        _range(lengths, "passkey_lengths", 1, seq_len + 1)
+        _range(passkey_depths, "passkey_depths", 0.0, 1.0)
+        check_template(answer_template, ("key",), "answer")
+        # fail at init on bad templates or keys, before the tokenizer is trained
+        build_task(task, ByteTokenizer(), template=template, key_range=tuple(key_range), n_keys=n_keys,
+                   needle_template=needle_template)
+        self.passkey_fraction = passkey_fraction
+        self.passkey_lengths = (int(lengths[0]), int(lengths[1]))
+        self.passkey_depths = tuple(passkey_depths)
+        self.passkey_labels = passkey_labels
+        self.task = task
+        self.key_range = tuple(key_range)
+        self.template = template
+        self.needle_template = needle_template
+        self.n_keys = n_keys
+        self.answer_template = answer_template
+
+    def passkey_documents(self, bos: bool = True, eos: bool = True) -> PasskeyDocuments:
+        """The passkey documents of this module (its tokenizer, lengths, depths, task and seed).
+
+        Args:
+            bos: start documents with BOS (False for the doc-aware pipelines, which add BOS and EOS).
+            eos: end documents with EOS.
+        """
+        return PasskeyDocuments(
+            self.tokenizer, self.passkey_lengths, self.passkey_depths, self.task, self.seed, self.key_range,
+            self.template, self.needle_template, self.n_keys, self.answer_template, bos=bos, eos=eos,
+        )
+
+    def train_stream(self) -> SampleStream:
+        text = super().train_stream()
+        f = self.passkey_fraction
+        if f == 0:
+            return text
+        rows = text.num_samples if f == 1 else max(1, round(text.num_samples * f / (1 - f)))
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        passkey = PasskeyStream(self.passkey_documents(), self.seq_len, rows, self.passkey_labels, pad)
+        return MixtureStream([text, passkey], [1 - f, f], self.seed)

@@ -7,6 +7,7 @@ The LightningModule side of the contract lives in :mod:`lit_longctx.eval.tasks`;
 from lit_longctx.eval.passkey import (
     MultiKeyTask,
     PasskeyTask,
+    RetrievalDocument,
     RetrievalSample,
     build_task,
     first_integer,
@@ -20,6 +21,7 @@ from lit_longctx.eval.report import write_report
 __all__ = [
     "MultiKeyTask",
     "PasskeyTask",
+    "RetrievalDocument",
     "RetrievalSample",
     "bucket_sums",
     "build_task",

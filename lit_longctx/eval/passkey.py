@@ -19,6 +19,9 @@ or the tokenizer.
 
 Scoring (seeds: ``llama/run_test.py``): the first integer (regex ``\\d+``) of the greedy continuation must equal the
 answer; a continuation without an integer is wrong.
+
+Training documents (:meth:`PasskeyTask.document`): the same prompt, tokenized the same way, followed by its answer
+(``" {key}."``) and EOS, for training retrieval (``lit_longctx.datamodules.passkey.PasskeyMixData``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ MULTIKEY_TEMPLATE = (
     "text? The special magic number for {name} mentioned in the provided text is"
 )
 MULTIKEY_NEEDLE = "One of the special magic numbers for {name} is: {value}."
+#: what a training document puts after the prompt: the continuation a model should generate
+ANSWER_TEMPLATE = " {key}."
 TASKS = ("passkey", "multikey")
 
 _ADJECTIVES = (
@@ -167,6 +172,28 @@ class RetrievalSample:
         return len(self.input_ids)
 
 
+@dataclass
+class RetrievalDocument:
+    """A training document: one retrieval prompt followed by its answer (see :meth:`PasskeyTask.document`).
+
+    Attributes:
+        input_ids: the prompt's ids (exactly the evaluation prompt's tokenization), then the answer's, then EOS when
+            asked for.
+        answer_start: index in ``input_ids`` of the first answer token (the answer runs to the end).
+        answer: the key.
+        length: the requested document length in tokens.
+        depth: where the needle sits (fraction of the filler before it).
+        needle_token: token index at which the needle's text begins (±1 token).
+    """
+
+    input_ids: list[int]
+    answer_start: int
+    answer: int
+    length: int
+    depth: float
+    needle_token: int
+
+
 class PasskeyTask:
     """Builds passkey prompts whose token length hits a target (the Landmark Attention prompt by default).
 
@@ -257,6 +284,47 @@ class PasskeyTask:
             needle_token=len(self.encode(text[:needle_char])),
             filler_chars=n_chars,
             name=draw.get("name"),
+        )
+
+    def document(
+        self, length: int, depth: float, trial: int = 0, answer_template: str = ANSWER_TEMPLATE, eos: bool = True
+    ) -> RetrievalDocument:
+        """A training document of at most ``length`` tokens: the prompt of :meth:`sample` and its answer.
+
+        The prompt is tokenized on its own, exactly as an evaluation prompt, and the answer's ids are those that the
+        whole text's tokenization adds after it, so a model trained on documents sees at test time the very tokens it
+        saw in training. Answer + EOS count towards ``length``; the filler is fitted so the document is the longest not
+        exceeding it (within a token or two).
+
+        Args:
+            length: document tokens (BOS, prompt, answer and EOS together).
+            depth: needle depth in [0, 1].
+            trial: index of the document; with ``length`` and ``depth`` it seeds the key.
+            answer_template: ``str.format`` template of the answer with ``{key}`` (default ``" {key}."``).
+            eos: end the document with the tokenizer's EOS (ignored when it has none).
+        """
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must lie in [0, 1] (the fraction of the filler before the needle), got {depth}")
+        check_template(answer_template, ("key",), "answer")
+        draw = self.draw(self.rng(length, depth, trial))
+        answer_text = answer_template.format(key=self.answer(draw))
+        end = [self.tokenizer.eos_id] if eos and self.tokenizer.eos_id is not None else []
+        n_chars = self.fit_filler(lambda n: self.render(draw, depth, n)[0] + answer_text, length - len(end))
+        prompt, needle_char = self.render(draw, depth, n_chars)
+        prompt_ids = self.encode(prompt)
+        ids = self.encode(prompt + answer_text)
+        if ids[: len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
+            raise ValueError(
+                f"the answer {answer_text!r} does not tokenize as tokens after the prompt's own (the tokenizer merges "
+                "it with the prompt's last token); start answer_template with a space or punctuation"
+            )
+        return RetrievalDocument(
+            input_ids=ids + end,
+            answer_start=len(prompt_ids),
+            answer=self.answer(draw),
+            length=length,
+            depth=float(depth),
+            needle_token=len(self.encode(prompt[:needle_char])),
         )
 
     def fit_filler(self, text_for: Callable[[int], str], length: int) -> int:

@@ -39,20 +39,32 @@ def per_token_nll(session: Any, input_ids: torch.Tensor, slice_size: int = 1024)
     """NLL (float32, shape (N - 1,)) of ``input_ids[0, t]`` given ``input_ids[0, :t]`` for t = 1..N-1.
 
     ``session`` is a fresh ``lit_longctx.nn.DecodingSession`` (batch size 1); the window is fed in chunks of its
-    ``prefill_chunk`` through ``session.model(..., state=session.state)``, the calls its ``prefill`` makes, but keeping
-    every position's logits. Whole-model calls keep sharded (FSDP) models correct; the chunk's logits stay in the
-    model's dtype and ``slice_size`` positions at a time are upcast to float32 for the cross-entropy.
+    ``prefill_chunk``. A session with ``forward_logits(ids) -> (1, n, V)`` (the logits of every fed token through the
+    session's own path, which a method overrides for its memory or landmark insertion) gets each chunk through it;
+    otherwise each chunk goes through ``session.model(..., state=session.state)``, the calls a plain ``prefill``
+    makes, keeping every position's logits. Whole-model calls keep sharded (FSDP) models correct; the chunk's logits
+    stay in the model's dtype and ``slice_size`` positions at a time are upcast to float32 for the cross-entropy.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"per_token_nll scores one window: input_ids must be (1, N), got {tuple(input_ids.shape)}")
     n = input_ids.shape[1]
     if n < 2:
         raise ValueError(f"a window needs at least 2 tokens to score one prediction, got {n}")
+    forward_logits = getattr(session, "forward_logits", None)
     chunk = session.prefill_chunk
     out = []
     for start in range(0, n, chunk):
         ids = input_ids[:, start : start + chunk]
-        logits = session.model(ids, state=session.state, return_logits=True).logits[0]  # (c, V)
+        if forward_logits is not None:
+            logits = forward_logits(ids)
+            if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+                raise ValueError(
+                    f"{type(session).__name__}.forward_logits must return the logits of every fed token, shape "
+                    f"(1, {ids.shape[1]}, vocab), got {tuple(logits.shape)}"
+                )
+            logits = logits[0]  # (c, V)
+        else:
+            logits = session.model(ids, state=session.state, return_logits=True).logits[0]  # (c, V)
         targets = input_ids[0, start + 1 : start + 1 + ids.shape[1]]  # the next token of each position
         for s in range(0, targets.shape[0], slice_size):
             piece = logits[s : min(s + slice_size, targets.shape[0])].float()

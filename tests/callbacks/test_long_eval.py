@@ -75,3 +75,38 @@ def test_errors():
     module.tokenizer = None
     with pytest.raises(ValueError, match="pl_module.tokenizer is None"):
         LongEvalCallback(lengths=[300]).batches(module)
+
+
+def test_keys_follow_the_training_data_unless_given():
+    from types import SimpleNamespace
+
+    module = EvalLM(oracle_reply)
+    small = SimpleNamespace(key_range=(1, 9))  # a training data module with a key range (PasskeyMixData)
+    followed = LongEvalCallback(lengths=[300], depths=[0.0, 1.0], trials=5).batches(module, small)
+    assert {b["answer"] for b in followed} <= set(range(1, 10))
+    given = LongEvalCallback(lengths=[300], depths=[0.0, 1.0], trials=5, key_range=(20, 29)).batches(module, small)
+    assert {b["answer"] for b in given} <= set(range(20, 30))
+    seeds = LongEvalCallback(lengths=[300], depths=[0.0, 1.0], trials=5).batches(module, SimpleNamespace())
+    assert max(b["answer"] for b in seeds) > 1000  # the seeds' 1..50000 (10 draws)
+    with pytest.raises(ValueError, match="key_range"):
+        LongEvalCallback(key_range=(5, 1))
+
+
+class KeyedData(L.LightningDataModule):
+    """Random training rows, and the key range a passkey training mixture would declare."""
+
+    key_range = (1, 9)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randint(0, 256, (8, 33))), batch_size=4)
+
+
+def test_during_fit_keys_come_from_the_trainers_data_module(tmp_path):
+    module = EvalLM(oracle_reply)
+    callback = LongEvalCallback(every_n_steps=1, lengths=[300], depths=[0.5], trials=4, save_heatmap=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[callback])
+    trainer.fit(module, datamodule=KeyedData())
+    assert callback._last_step == 1  # the grid ran (and built its prompts) during fit
+    assert {b["answer"] for b in callback.batches(module)} <= set(range(1, 10))

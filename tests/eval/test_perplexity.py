@@ -36,6 +36,44 @@ def test_per_token_nll_with_chunked_prefill_matches_slow_loop():
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+class ForwardLogitsSession:
+    """A session with its own ``forward_logits`` and no ``model``: the logits of token t are row ``ids[t]`` of a fixed
+    table plus ``0.1 * position`` on the entry of token ``position % V`` (so the position it tracks matters)."""
+
+    def __init__(self, table, prefill_chunk):
+        self.table, self.prefill_chunk, self.position, self.fed = table, prefill_chunk, 0, []
+
+    def forward_logits(self, ids):
+        self.fed.append(ids.shape[1])
+        logits = self.table[ids].clone()  # (1, n, V)
+        for i in range(ids.shape[1]):
+            logits[0, i, (self.position + i) % self.table.shape[1]] += 0.1 * (self.position + i)
+        self.position += ids.shape[1]
+        return logits
+
+
+def test_per_token_nll_goes_through_the_sessions_forward_logits():
+    torch.manual_seed(0)
+    table = torch.randn(50, 50)
+    ids = torch.randint(0, 50, (1, 23))
+    expected = []
+    for t in range(1, 23):  # token t is predicted by position t - 1
+        logits = table[ids[0, t - 1]].clone()
+        logits[(t - 1) % 50] += 0.1 * (t - 1)
+        expected.append(-F.log_softmax(logits, dim=-1)[ids[0, t]].item())
+    session = ForwardLogitsSession(table, prefill_chunk=10)
+    torch.testing.assert_close(per_token_nll(session, ids, slice_size=4), torch.tensor(expected))
+    assert session.fed == [10, 10, 3]
+
+    class Last(ForwardLogitsSession):
+        def forward_logits(self, ids):
+            return super().forward_logits(ids)[:, -1]
+
+    with pytest.raises(ValueError, match=r"Last.forward_logits must return the logits of every fed token, shape "
+                                         r"\(1, 10, vocab\), got \(1, 50\)"):
+        per_token_nll(Last(table, prefill_chunk=10), ids)
+
+
 def test_ppl_by_position_equals_plain_average_of_slow_loop(tmp_path):
     text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog. " for i in range(40))
     (tmp_path / "doc.txt").write_text(text)
