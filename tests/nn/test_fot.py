@@ -23,6 +23,8 @@ from lit_longctx.nn.attention.fot import (
     cross_batch_layout,
     cross_batch_row_ranges,
     cross_batch_scores,
+    longllama_config,
+    longllama_layout,
     memory_attention,
 )
 from lit_longctx.nn.config import ConfigError
@@ -127,6 +129,34 @@ def test_layout_errors():
     with pytest.raises(ConfigError, match="cross_batch_mode"):
         cross_batch_layout(8, 1, mode="wrap")
     assert cross_batch_layout(8, 0, 4) is None
+
+
+def test_range_zero_needs_no_packs():
+    """r = 0 is plain attention: any batch size goes (a single prompt at inference with k = 4 in the options)."""
+    assert cross_batch_layout(3, 0, 4) is None and cross_batch_layout(1, ranges=[0, 0]) is None
+    model = tiny_model(fot={"cross_batch_range": 2, "dataset_packing": 4})
+    plain = Transformer(tiny_config(mem_layers=())).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 61, (1, 9))
+    torch.testing.assert_close(model(ids, cross_batch_range=0).logits, plain(ids).logits, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="1 rows is not divisible by dataset_packing=4"):
+        model(ids)  # the options' training range applies when the batch sets none
+
+
+def test_longllama_config_keys_round_trip():
+    """HF config.json keys (LongLLaMA's names and the JAX ones, spec §8) from a config and back."""
+    config = tiny_config(mem_layers=(0, 2), fot={"mem_dtype": "bfloat16", "mem_attention_grouping": [4, 2048],
+                                                 "cross_batch_range": 3, "dataset_packing": 4})
+    keys = longllama_config(config)
+    assert keys == {"mem_layers": [0, 2], "last_context_length": 6, "mem_dtype": "bfloat16", "mem_positionals": True,
+                    "mem_attention_grouping": [4, 2048], "torch_attention": False, "cross_batch_range": 3,
+                    "cross_batch_stepping": True, "dataset_packing": 4, "scan_cross_batch": False}
+    layout = longllama_layout({"model_type": "longllama", "hidden_size": 32, **keys})
+    assert layout["layer_attention"] == {0: "fot", 2: "fot"}
+    assert longllama_config(tiny_config(mem_layers=(), **layout)) == keys
+    assert longllama_layout({"model_type": "llama", "mem_layers": []}) is None
+    assert longllama_config(tiny_config(fot={"mem_dtype": torch.float16}))["mem_dtype"] == "float16"
+    assert longllama_config(tiny_config(fot={"mem_dtype": None}))["mem_dtype"] is None  # the compute dtype
 
 
 # ------------------------------------------------------------------------------------------------ training attention

@@ -24,6 +24,9 @@ computes it in blocks of h heads × q queries; ``top_k`` keeps only the k best m
 paper's exact kNN; dense memory attention when None). :class:`FoTSession` drives LongLLaMA's schedule (spec §3): the
 prefix of a long input goes to memory W tokens at a time, the last ``last_context_length`` tokens stay local, and
 generation evicts the whole local window into memory when it would exceed W.
+
+HF interop: :func:`longllama_config` writes the memory settings under LongLLaMA's config.json keys (and the JAX ones),
+:func:`longllama_layout` reads a LongLLaMA config.json's ``mem_layers`` back into ``fot`` layers (spec §8).
 """
 
 from __future__ import annotations
