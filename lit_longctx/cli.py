@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-TOP_HELP = """usage: lit-longctx {fit,validate,test,predict,convert,generate} ...
+TOP_HELP = """usage: lit-longctx {fit,validate,test,predict,convert,generate,weight-diff} ...
 
 Train, fine-tune, extend and evaluate long-context LLaMA-family models.
 
@@ -32,6 +32,8 @@ subcommands:
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
   generate   sample text from a checkpoint or HF directory:
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
+  weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
+                                       lit-longctx weight-diff recover --base LLAMA_DIR --diff DIFF_DIR --output OUT
 
 Run `lit-longctx SUBCOMMAND --help` for the options of one subcommand
 (`lit-longctx fit --model.help lit_longctx.modules.CausalLM` lists a module's arguments).
@@ -292,6 +294,10 @@ def main(argv: list[str] | None = None) -> Any:
                                      "lit-longctx convert")
         if argv[0] == "generate":
             return _run_jsonargparse(generate_text, argv[1:], "lit-longctx generate")
+        if argv[0] == "weight-diff":
+            from lit_longctx.weight_diff import make_diff, recover
+
+            return _run_jsonargparse({"recover": recover, "make": make_diff}, argv[1:], "lit-longctx weight-diff")
         _make_cli(argv if explicit else None)
         return None
     except argparse.ArgumentError as exc:

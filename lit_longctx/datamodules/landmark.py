@@ -20,17 +20,29 @@ Labels (spec §1.3) follow lit-longctx's convention of *aligned* targets (``labe
 
 For LLaMA checkpoints the ``<landmark>`` token is added to the tokenizer and the embedding and output rows grow, new
 rows initialised to the mean of the existing rows (``llama/train.py``'s resize, spec §1.1).
+
+:class:`LandmarkData` applies the insertion to any other DataModule's rows (composition, not inheritance): it wraps the
+inner module's training :class:`~lit_longctx.datamodules.base.SampleStream` in a :class:`LandmarkStream` that asks the
+inner stream for the sample at each position and inserts landmarks into it. The training order, its rank/worker
+sharding and the resumable position (one number per epoch, kept by the
+:class:`~lit_longctx.datamodules.base.ResumableLoader` that this module builds) are therefore exactly the inner
+module's, so any token source (TextData, TokenFiles, the passkey mixture, a user's module) gains landmarks without a
+landmark variant of each. The inner source produces rows of T regular tokens; the rows the model sees hold
+T + ⌊(T − 1)/ℓ⌋ tokens under the per-row rule (512 → 522 for ℓ = 50) and T + ⌊T/ℓ⌋ under the global rule.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from lit_longctx.datamodules.base import LongCtxDataModule, SampleStream, StreamPlan
 from lit_longctx.nn.attention.landmark import insert_on_grid
 from lit_longctx.nn.llama import Transformer
 from lit_longctx.nn.loss import IGNORE_INDEX
@@ -189,6 +201,174 @@ class LandmarkInsertion:
 def landmark_token_id(tokenizer: Tokenizer, piece: str = LANDMARK_PIECE) -> int:
     """The id of ``<landmark>`` in ``tokenizer``, adding it as a special token (next free id) if missing."""
     return tokenizer.add_special_token(piece)
+
+
+def with_landmark(tokenizer: Tokenizer, piece: str = LANDMARK_PIECE) -> Tokenizer:
+    """A copy of ``tokenizer`` that has ``piece`` (added as the next free id when missing); ``tokenizer`` itself is
+    left unchanged, so caches keyed by it (tokenized text) are shared with runs without landmarks."""
+    out = copy.copy(tokenizer)
+    out.added = dict(tokenizer.added)
+    landmark_token_id(out, piece)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- data module
+def _insert_into_sample(sample: dict[str, Any], transform: LandmarkInsertion) -> dict[str, Any]:
+    """One row (dict of 1-D tensors) through ``transform``. ``position_ids`` are dropped: landmark attention runs
+    over the whole row (blocks straddle documents, as the paper's PG19 and RedPajama rows do), with positions
+    0..L-1."""
+    row = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in sample.items() if k != "position_ids"}
+    return {k: (v.squeeze(0) if isinstance(v, torch.Tensor) else v) for k, v in transform(row).items()}
+
+
+class LandmarkStream(SampleStream):
+    """The samples of ``inner`` at the same epochs and positions, with landmarks inserted.
+
+    Order, sharding (:meth:`batch_positions`) and the numbers a resumable loader records (``seed``,
+    :attr:`num_samples`) are the inner stream's, so resuming works as for the inner stream.
+
+    Args:
+        inner: the stream of ordinary rows (``input_ids``, ``labels`` of T tokens each).
+        transform: the insertion.
+    """
+
+    def __init__(self, inner: SampleStream, transform: LandmarkInsertion) -> None:
+        super().__init__(seed=inner.seed, shuffle=False)
+        self.inner = inner
+        self.transform = transform
+
+    @property
+    def num_samples(self) -> int:
+        return self.inner.num_samples
+
+    def sample_at(self, epoch: int, position: int) -> dict[str, Any]:
+        return _insert_into_sample(self.inner.sample_at(epoch, position), self.transform)
+
+    def batches_per_epoch(self, world_size: int, batch_size: int) -> int:
+        return self.inner.batches_per_epoch(world_size, batch_size)
+
+    def batch_positions(self, batch: int, plan: StreamPlan) -> list[int]:
+        return self.inner.batch_positions(batch, plan)
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.inner.collate(samples)
+
+
+class LandmarkRows(Dataset):
+    """A map-style dataset of ordinary rows (validation) with landmarks inserted into each row.
+
+    Args:
+        inner: the rows.
+        transform: the insertion.
+    """
+
+    def __init__(self, inner: Dataset, transform: LandmarkInsertion) -> None:
+        self.inner = inner
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return _insert_into_sample(self.inner[index], self.transform)
+
+
+class LandmarkData(LongCtxDataModule):
+    """Landmark tokens inserted into the rows of any other DataModule (see the module docstring).
+
+    The tokenizer is the inner module's plus ``<landmark>`` (added as the next free id when missing), so
+    :attr:`vocab_size` grows by one and the CLI's vocabulary link gives the model the extra embedding row. Batch size,
+    workers and seed are the inner module's.
+
+    Args:
+        data: the token source: any lit-longctx DataModule (``class_path`` + ``init_args`` in YAML), producing rows of
+            T regular tokens with aligned labels (TextData, TokenFiles, PasskeyMixData, ...).
+        mem_freq: regular tokens per block (ℓ_block; the paper uses 50). Must equal the model's.
+        rule: ``per_row`` (LLaMA fine-tune: no landmark after a row's last block, T + ⌊(T − 1)/ℓ⌋ tokens) or
+            ``global`` (PG19 grid from the row start: a landmark after every ℓ-th token, T + ⌊T/ℓ⌋ tokens).
+        include_landmark_in_loss: False (default; PG19 and the Triton LLaMA path): landmarks are never targets.
+            True (the released LLaMA weights): the token before a landmark predicts it. Must equal the model's.
+        ignore_eos_inputs: no loss where the input is the tokenizer's EOS (PG19: the first token of the next document
+            is not predicted).
+        landmark_token: the landmark's piece in the tokenizer.
+        seq_len: T, regular tokens per row; null takes the inner module's (given, it must equal it). The CLI links
+            it into the model's ``seq_len``.
+    """
+
+    def __init__(
+        self,
+        data: LongCtxDataModule,
+        mem_freq: int = 50,
+        rule: Rule = "per_row",
+        include_landmark_in_loss: bool = False,
+        ignore_eos_inputs: bool = False,
+        landmark_token: str = LANDMARK_PIECE,
+        seq_len: int | None = None,
+    ) -> None:
+        if not isinstance(data, LongCtxDataModule):
+            raise TypeError(f"data must be a lit-longctx DataModule (e.g. lit_longctx.datamodules.TextData), got "
+                            f"{type(data).__name__}")
+        if isinstance(data, LandmarkData):
+            raise ValueError("data is already a LandmarkData: landmarks would be inserted twice; use its inner module")
+        if seq_len is not None and seq_len != data.seq_len:
+            raise ValueError(f"seq_len={seq_len} but the inner data module makes rows of {data.seq_len} tokens: set "
+                             "seq_len on the inner module (data.init_args.seq_len) and leave this one null")
+        _check_freq(mem_freq)
+        if rule not in ("per_row", "global"):
+            raise ValueError(f"rule={rule!r} is unknown; use 'per_row' (LLaMA) or 'global' (PG19)")
+        super().__init__(data.tokenizer_spec, data.seq_len, data.batch_size, data.num_workers, data.seed)
+        self.data = data
+        self.mem_freq = mem_freq
+        self.rule = rule
+        self.include_landmark_in_loss = include_landmark_in_loss
+        self.ignore_eos_inputs = ignore_eos_inputs
+        self.landmark_token = landmark_token
+
+    # --- vocabulary
+    def build_tokenizer(self) -> Tokenizer:
+        return with_landmark(self.data.tokenizer, self.landmark_token)
+
+    @property
+    def landmark_id(self) -> int:
+        """The id of the landmark token in :attr:`tokenizer`."""
+        return self.tokenizer.token_to_id(self.landmark_token)
+
+    @property
+    def max_token_id(self) -> int | None:
+        inner = self.data.max_token_id
+        return None if inner is None else max(inner, self.landmark_id)
+
+    @property
+    def augmented_len(self) -> int:
+        """Tokens per row the model sees: T plus the landmarks of the rule."""
+        t = self.seq_len
+        return t + (t - 1) // self.mem_freq if self.rule == "per_row" else t + t // self.mem_freq
+
+    def transform(self) -> LandmarkInsertion:
+        """The insertion applied to every row."""
+        eot = self.tokenizer.eos_id if self.ignore_eos_inputs else None
+        if self.ignore_eos_inputs and eot is None:
+            raise ValueError("ignore_eos_inputs=True but the tokenizer has no EOS token; set it to false")
+        return LandmarkInsertion(self.mem_freq, self.landmark_id, self.rule, self.include_landmark_in_loss, eot)
+
+    # --- the inner module's life cycle
+    def prepare_data(self) -> None:
+        self.data.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.data.trainer = self.trainer
+        self.data.setup(stage)
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.data.teardown(stage)
+
+    # --- rows
+    def train_stream(self) -> LandmarkStream:
+        return LandmarkStream(self.data.train_stream(), self.transform())
+
+    def val_dataset(self) -> Dataset | None:
+        rows = self.data.val_dataset()
+        return None if rows is None else LandmarkRows(rows, self.transform())
 
 
 @torch.no_grad()

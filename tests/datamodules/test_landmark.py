@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,147 @@ def test_resize_token_embeddings_mean_init(tied):
         resize_token_embeddings(model, 40)
     with pytest.raises(ValueError, match="start must be"):
         mean_init_rows(model, 0)
+
+
+# ------------------------------------------------------------------------------------------------ LandmarkData
+def _docs(n: int = 12) -> list[list[int]]:
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, size=int(rng.integers(40, 120))).tolist() for _ in range(n)]
+
+
+@pytest.fixture
+def token_dir(tmp_path):
+    from lit_longctx.datamodules import write_token_files
+
+    docs = _docs()
+    return write_token_files(tmp_path / "tokens", {"train": docs, "val": docs[:3]}, tokenizer="byte")
+
+
+def landmark_data(token_dir, **kwargs):
+    from lit_longctx.datamodules import LandmarkData, TokenFiles
+
+    inner = TokenFiles(str(token_dir), seq_len=32, batch_size=2, seed=5, train_order="shuffled")
+    return LandmarkData(inner, mem_freq=8, **kwargs), inner
+
+
+def loop_augment(x: list[int], y: list[int], ell: int, include: bool) -> tuple[list[int], list[int]]:
+    """Per-row insertion with aligned targets, one token at a time (spec §1.2-1.3)."""
+    ids, labels = [], []
+    for t, (xt, yt) in enumerate(zip(x, y)):
+        if t > 0 and t % ell == 0:
+            ids.append(LANDMARK)
+            labels.append(y[t - 1] if include and y[t - 1] != -100 else -100)
+            if include and y[t - 1] != -100:
+                labels[-2] = LANDMARK  # the token before the landmark predicts it
+        ids.append(xt)
+        labels.append(yt)
+    return ids, labels
+
+
+LANDMARK = 259  # the byte tokenizer's next free id
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_landmark_data_inserts_into_the_inner_rows(token_dir, include):
+    data, inner = landmark_data(token_dir, include_landmark_in_loss=include)
+    data.setup("fit")
+    assert data.vocab_size == 260 and data.landmark_id == LANDMARK and data.augmented_len == 32 + 3
+    assert inner.tokenizer.vocab_size == 259  # the inner module's tokenizer is not changed
+    ours, theirs = iter(data.train_dataloader()), iter(inner.train_dataloader())
+    for _ in range(3):
+        got, plain = next(ours), next(theirs)
+        assert "position_ids" not in got  # landmark attention runs over the whole row
+        assert got["input_ids"].shape == (2, 35)
+        for r in range(2):
+            ids, labels = loop_augment(plain["input_ids"][r].tolist(), plain["labels"][r].tolist(), 8, include)
+            assert got["input_ids"][r].tolist() == ids and got["labels"][r].tolist() == labels
+    val = data.val_dataset()
+    row, plain = val[1], inner.val_dataset()[1]
+    assert row["input_ids"].tolist() == loop_augment(plain["input_ids"].tolist(), plain["labels"].tolist(), 8,
+                                                     include)[0]
+
+
+def test_landmark_data_resumes_where_it_stopped(token_dir):
+    data, _ = landmark_data(token_dir)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    straight = [b["input_ids"] for _, b in zip(range(6), loader)]
+    data2, _ = landmark_data(token_dir)
+    data2.setup("fit")
+    first = data2.train_dataloader()
+    for _, _b in zip(range(2), first):
+        pass
+    state = data2.state_dict()
+    data3, _ = landmark_data(token_dir)
+    data3.setup("fit")
+    data3.load_state_dict(state)
+    resumed = [b["input_ids"] for _, b in zip(range(4), data3.train_dataloader())]
+    assert all(torch.equal(a, b) for a, b in zip(straight[2:], resumed))
+    assert state["train_loader"]["num_samples"] == data3.data.train_stream().num_samples
+
+
+def test_landmark_data_global_rule_and_eos(tmp_path):
+    from lit_longctx.datamodules import LandmarkData, TextData
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": "abcdefghij"}) + "\n" for _ in range(8)))
+    inner = TextData([str(tmp_path / "docs.jsonl")], tokenizer="byte", seq_len=24, batch_size=1,
+                     cache_dir=str(tmp_path / "cache"), val_fraction=0.0, shuffle=False)
+    data = LandmarkData(inner, mem_freq=8, rule="global", ignore_eos_inputs=True)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    plain = next(iter(inner.train_dataloader()))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert ids.shape == (24 + 3,) and data.augmented_len == 27  # a landmark also closes the row's last block
+    assert torch.equal(remove_landmarks(ids, LANDMARK), plain["input_ids"][0])
+    assert torch.nonzero(ids == LANDMARK).flatten().tolist() == [8, 17, 26]
+    eos = plain["input_ids"][0] == ByteTokenizer.eos_id  # documents of 12 tokens: [BOS] + 10 bytes + [EOS]
+    assert eos.tolist().count(True) == 2
+    expected = plain["labels"][0].masked_fill(eos, -100)  # no loss on the first token of the next document
+    assert torch.equal(labels[ids != LANDMARK], expected) and bool((labels[ids == LANDMARK] == -100).all())
+
+
+def test_landmark_data_parses_a_nested_data_module(token_dir):
+    from jsonargparse import ArgumentParser
+
+    from lit_longctx.datamodules import LandmarkData
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(LandmarkData, "data")
+    cfg = parser.parse_object({"data": {"mem_freq": 8, "data": {
+        "class_path": "lit_longctx.datamodules.TokenFiles",
+        "init_args": {"data_dir": str(token_dir), "seq_len": 32, "batch_size": 2}}}})
+    data = parser.instantiate_classes(cfg).data
+    assert isinstance(data, LandmarkData) and data.seq_len == 32 and data.batch_size == 2
+    assert type(data.data).__name__ == "TokenFiles"
+
+
+def test_landmark_data_with_the_passkey_mixture(tmp_path):
+    from lit_longctx.datamodules import LandmarkData
+    from lit_longctx.datamodules.passkey import PasskeyMixData
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": "Some text. " * 40}) + "\n" for _ in range(4)))
+    inner = PasskeyMixData([str(tmp_path / "docs.jsonl")], passkey_fraction=1.0, passkey_lengths=(300, 321),
+                           tokenizer="byte", seq_len=320, batch_size=2, cache_dir=str(tmp_path / "cache"),
+                           val_fraction=0.0)
+    data = LandmarkData(inner, mem_freq=32)
+    data.setup("fit")
+    batch, plain = next(iter(data.train_dataloader())), next(iter(inner.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 320 + 9)
+    assert torch.equal(remove_landmarks(batch["input_ids"], LANDMARK), plain["input_ids"])
+    assert torch.equal(batch["labels"][batch["input_ids"] != LANDMARK].view(2, 320), plain["labels"])
+
+
+def test_landmark_data_errors(token_dir):
+    from lit_longctx.datamodules import LandmarkData, TokenFiles
+
+    inner = TokenFiles(str(token_dir), seq_len=32, batch_size=2)
+    with pytest.raises(ValueError, match="seq_len=64 but the inner data module makes rows of 32"):
+        LandmarkData(inner, seq_len=64)
+    with pytest.raises(ValueError, match="already a LandmarkData"):
+        LandmarkData(LandmarkData(inner))
+    with pytest.raises(TypeError, match="must be a lit-longctx DataModule"):
+        LandmarkData("data/")
+    with pytest.raises(ValueError, match="rule='pg19' is unknown"):
+        LandmarkData(inner, rule="pg19")
+    with pytest.raises(ValueError, match="mem_freq must be an integer >= 1"):
+        LandmarkData(inner, mem_freq=0)

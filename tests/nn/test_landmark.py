@@ -563,3 +563,16 @@ def test_cache_select_keeps_rows():
         expected = single.step(torch.tensor([[5]]))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
+
+
+def test_session_defaults_come_from_the_training_options():
+    """The chunk follows the trained context (L − (L mod Bk) − (k+1)·Bk in whole blocks, spec §3.1) and the label
+    convention picks the output read after a landmark."""
+    model = Transformer(tiny_config(top_k=1, train_context_length=32, include_landmark_in_loss=True)).eval()
+    session = LandmarkSession(model)
+    assert session.prefill_chunk == (32 - 32 % 5 - 2 * 5) // 5 * 4  # 16 regular tokens, not max_seq_len's 44
+    assert session.include_landmark_in_loss
+    assert not LandmarkSession(model, include_landmark_in_loss=False).include_landmark_in_loss
+    assert LandmarkSession(Transformer(tiny_config(top_k=1))).prefill_chunk == (64 - 64 % 5 - 10) // 5 * 4
+    with pytest.raises(ConfigError, match="'train_context_length'\\] must be None or an integer >= 1"):
+        Transformer(tiny_config(train_context_length=0))
