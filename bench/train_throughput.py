@@ -116,7 +116,7 @@ def main() -> None:
     ratio = rows[1][1] / rows[0][1]
     print(f"\nCPU fp32, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; batch 16 x 256 tokens; {args.rounds} rounds x {args.steps} steps")
-    print("| implementation | median step (ms) | tokens/s | MFU (peak %.0e) |" % args.peak_flops)
+    print(f"| implementation | median step (ms) | tokens/s | MFU (peak {args.peak_flops:.0e}) |")
     print("|---|---:|---:|---:|")
     for name, median, tps, mfu in rows:
         print(f"| {name} | {median * 1e3:.1f} | {tps:,.0f} | {mfu:.1%} |")

@@ -37,6 +37,9 @@ METHODS: dict[str, str] = {
     "lolcats_lora": "lit_longctx.modules.LinearizedLoRA",
 }
 
+#: method -> methods whose checkpoints it starts from (LoLCATs stage 2 starts from stage 1)
+FOLLOWS: dict[str, tuple[str, ...]] = {"lolcats_lora": ("lolcats_transfer",)}
+
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json")
 
@@ -121,7 +124,7 @@ def _from_dcp(directory: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _from_dict(ckpt: dict[str, Any], source: str) -> LoadedCheckpoint:
+def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> LoadedCheckpoint:
     if ckpt.get("format") == FORMAT:
         return LoadedCheckpoint(ModelConfig.from_dict(ckpt["model_config"]), ckpt["state_dict"], ckpt.get("method",
                                 "causal"), ckpt.get("tokenizer_files", {}), ckpt.get("extra", {}), source)
@@ -129,8 +132,14 @@ def _from_dict(ckpt: dict[str, Any], source: str) -> LoadedCheckpoint:
     if meta is not None and "state_dict" in ckpt:
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        extra = dict(meta.get("extra", {}))
+        if "lora" in extra:  # LoRA adapters (LoLCATs stage 2) are merged: readers see plain weights
+            from lit_longctx.modules.lolcats import merge_lora_state
+
+            lora = extra.pop("lora")
+            state = merge_lora_state(state, lora["scaling"]) if with_weights else {}
         return LoadedCheckpoint(ModelConfig.from_dict(meta["model_config"]), state, meta.get("method", "causal"),
-                                meta.get("tokenizer_files", {}), meta.get("extra", {}), source)
+                                meta.get("tokenizer_files", {}), extra, source)
     keys = sorted(ckpt)[:10]
     raise CheckpointError(
         f"{source} is not a lit-longctx checkpoint (top-level keys {keys}); give an HF directory, a file written by "
@@ -147,6 +156,10 @@ def _from_hf_dir(p: Path, with_weights: bool = True) -> LoadedCheckpoint:
         layout = {"attention": record.get("attention", "causal"),
                   "layer_attention": {int(k): v for k, v in record.get("layer_attention", {}).items()},
                   "attention_options": record.get("attention_options", {})}
+    else:  # a LongLLaMA directory: its mem_layers become FoT memory layers
+        from lit_longctx.nn.attention.fot import longllama_layout
+
+        layout = longllama_layout(hf) or {}
     config = config_from_hf(hf, **layout)
     state = load_hf_state_dict(p) if with_weights else {}
     extras = p / "lit_longctx_extras.safetensors"
@@ -175,7 +188,7 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
         if (p / "config.json").exists():
             return _from_hf_dir(p, with_weights)
         if (p / ".metadata").exists():
-            return _from_dict(_from_dcp(p), str(p))
+            return _from_dict(_from_dcp(p), str(p), with_weights)
         last = _newest_last_ckpt(p)
         if last is None:
             raise CheckpointError(
@@ -183,7 +196,7 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
                 "last.ckpt below it"
             )
         return read_checkpoint(last, with_weights)
-    return _from_dict(_torch_load(p), str(p))
+    return _from_dict(_torch_load(p), str(p), with_weights)
 
 
 def checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
@@ -205,6 +218,8 @@ def check_method(loaded: LoadedCheckpoint, expected: str | None) -> None:
         return
     if expected == "causal" or loaded.method == "causal":
         # plain LLaMA weights load into any method, and any method's LLaMA weights load as plain LLaMA
+        return
+    if loaded.method in FOLLOWS.get(expected, ()):
         return
     raise CheckpointError(
         f"{loaded.source} is a checkpoint of method {loaded.method!r}, but it is being loaded by method "

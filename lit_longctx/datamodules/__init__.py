@@ -7,6 +7,9 @@ from lit_longctx.datamodules.base import (
     StreamPlan,
     global_batch_tokens,
 )
+from lit_longctx.datamodules.doc_aware import DocAwareData, DocAwareLoader
+from lit_longctx.datamodules.instruct import InstructData
+from lit_longctx.datamodules.landmark import LandmarkData, LandmarkInsertion, LandmarkStream
 from lit_longctx.datamodules.sources import TextSource
 from lit_longctx.datamodules.text import MixtureStream, TextData, greedy_blend, normalize_weights
 from lit_longctx.datamodules.token_files import (
@@ -19,6 +22,12 @@ from lit_longctx.datamodules.token_files import (
 )
 
 __all__ = [
+    "DocAwareData",
+    "DocAwareLoader",
+    "InstructData",
+    "LandmarkData",
+    "LandmarkInsertion",
+    "LandmarkStream",
     "LongCtxDataModule",
     "MixtureStream",
     "ResumableLoader",

@@ -23,6 +23,10 @@ the adapters into the projection weights, which ``lit_longctx.checkpoint.read_ch
 Both stages use AdamW without weight decay and, by default, ReduceLROnPlateau on the validation objective (factor
 0.1, patience 10 evaluations, min_lr 1e-5), stepped after each validation (spec §3 "Optimiser and schedule").
 Packed rows get no per-document attention reset (as in the reference): batches run with positions 0..T-1.
+
+Freezing happens in ``build_model`` (``requires_grad`` survives meta-device building, loading and FSDP2 sharding), so
+it holds on every strategy; FSDP2 (``FSDP2Strategy``) shards frozen and trainable tensors of a block per parameter,
+while FSDP1 (``FSDPStrategy``) needs ``use_orig_params: true`` to mix them in one wrapped block.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str
     for owner, ab in adapters.items():
         name = f"{owner}.weight"
         if set(ab) != {"A", "B"} or name not in out:
-            raise CheckpointError(f"LoRA adapter of {owner} is incomplete (found {sorted(ab)}); the checkpoint is damaged")
+            raise CheckpointError(f"the LoRA adapter of {owner} is incomplete (found {sorted(ab)}): damaged checkpoint")
         base = out[name]
         delta = ab["B"].float() @ ab["A"].float()  # (out, r) @ (r, in)
         out[name] = (base.float() + scaling * delta).to(base.dtype)
@@ -486,7 +490,8 @@ class LinearizedLoRA(_LinearizedLM):
         return out.loss, {}
 
     def merged_model(self) -> Transformer:
-        """A plain copy of the linearized model with the LoRA adapters merged (for export or evaluation)."""
+        """A plain copy of the linearized model with the LoRA adapters merged (for export or evaluation), from an
+        unsharded model (single process or DDP; sharded runs export through their checkpoint instead)."""
         from lit_longctx.hf import load_weights
 
         state = merge_lora_state({k: v.detach() for k, v in self.model.state_dict().items()}, self.lora_scaling)

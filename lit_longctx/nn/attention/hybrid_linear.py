@@ -133,7 +133,12 @@ def init_feature_map(weight: torch.Tensor, init: str) -> None:
     with torch.no_grad():
         if init == "identity":
             eye = torch.eye(weight.shape[1], weight.shape[2], device=weight.device, dtype=weight.dtype)
-            weight.copy_(eye.expand_as(weight))
+            eye = eye.expand(weight.shape).contiguous()
+            if hasattr(weight, "device_mesh"):  # a DTensor sharded by FSDP2: copy from an identically sharded one
+                from torch.distributed.tensor import distribute_tensor
+
+                eye = distribute_tensor(eye, weight.device_mesh, weight.placements)
+            weight.copy_(eye)
         elif init == "kaiming_uniform":
             nn.init.kaiming_uniform_(weight)
         elif init == "normal":
