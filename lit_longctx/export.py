@@ -56,16 +56,7 @@ def export_model(
     _, extras = split_extras(model)
     extra_config = {"lit_longctx": lit_config_record(model, method)}
     extra_config.update(method_class(method).hf_config_extras(model.config))
-    plain_keys = set(model.state_dict()) - set(extras)
-
-    class _Plain:  # the subset of the model that transformers knows
-        config = model.config.replace(attention="causal", layer_attention={}, attention_options={})
-
-        @staticmethod
-        def state_dict() -> dict[str, torch.Tensor]:
-            return {k: v for k, v in model.state_dict().items() if k in plain_keys}
-
-    return to_hf(_Plain, output, dtype=dtype, tokenizer=tokenizer, extra_config=extra_config,
+    return to_hf(model, output, dtype=dtype, tokenizer=tokenizer, extra_config=extra_config,
                  extra_tensors=extras or None)
 
 

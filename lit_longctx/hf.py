@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +217,13 @@ def from_hf(
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
-def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors under HF names, contiguous, in ``dtype`` (default: as stored); tied head dropped."""
+def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None,
+                  exclude: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF names, contiguous, in ``dtype`` (default: as stored); tied head and the names in
+    ``exclude`` dropped."""
     out = {}
     for k, v in model.state_dict().items():
-        if model.config.tie_embeddings and k == "lm_head.weight":
+        if (model.config.tie_embeddings and k == "lm_head.weight") or k in exclude:
             continue
         v = v.detach()
         if dtype is not None and v.is_floating_point():
@@ -243,14 +246,14 @@ def to_hf(
 
     ``extra_config`` adds keys to config.json (method settings such as FoT's ``mem_layers``); ``extra_tensors``
     (method tensors such as LoLCATs feature maps) go to ``lit_longctx_extras.safetensors`` beside the weights, which
-    transformers ignores.
+    transformers ignores, and are left out of the weights.
     """
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(model, dtype)
+    state = hf_state_dict(model, dtype, exclude=set(extra_tensors or ()))
     config = config_to_hf(model.config, extra_config)
     config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
