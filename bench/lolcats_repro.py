@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--lora_lr", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=8)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)  # honour OMP_NUM_THREADS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
