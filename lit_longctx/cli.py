@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -282,24 +283,11 @@ def _run_jsonargparse(components: Any, args: list[str], prog: str) -> Any:
     return CLI(components, args=args, prog=prog, as_positional=False)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    explicit = argv is not None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(TOP_HELP)
-        return None if argv else sys.exit(2)
+def run_with_one_line_errors(call: Callable[[], Any]) -> Any:
+    """``call()``; a user error (bad argument, missing file, wrong checkpoint, ...) ends the process with one ``error:``
+    line and exit status 2 instead of a traceback (``LIT_LONGCTX_DEBUG=1`` shows the traceback)."""
     try:
-        if argv[0] == "convert":
-            return _run_jsonargparse({"from-hf": convert_from_hf, "to-hf": convert_to_hf}, argv[1:],
-                                     "lit-longctx convert")
-        if argv[0] == "generate":
-            return _run_jsonargparse(generate_text, argv[1:], "lit-longctx generate")
-        if argv[0] == "weight-diff":
-            from lit_longctx.weight_diff import make_diff, recover
-
-            return _run_jsonargparse({"recover": recover, "make": make_diff}, argv[1:], "lit-longctx weight-diff")
-        _make_cli(argv if explicit else None)
-        return None
+        return call()
     except argparse.ArgumentError as exc:
         if os.environ.get("LIT_LONGCTX_DEBUG"):
             raise
@@ -312,6 +300,27 @@ def main(argv: list[str] | None = None) -> Any:
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
+
+def _dispatch(argv: list[str], explicit: bool) -> Any:
+    if argv[0] == "convert":
+        return _run_jsonargparse({"from-hf": convert_from_hf, "to-hf": convert_to_hf}, argv[1:], "lit-longctx convert")
+    if argv[0] == "generate":
+        return _run_jsonargparse(generate_text, argv[1:], "lit-longctx generate")
+    if argv[0] == "weight-diff":
+        from lit_longctx.weight_diff import make_diff, recover
+
+        return _run_jsonargparse({"recover": recover, "make": make_diff}, argv[1:], "lit-longctx weight-diff")
+    _make_cli(argv if explicit else None)
+    return None
+
+
+def main(argv: list[str] | None = None) -> Any:
+    explicit = argv is not None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(TOP_HELP)
+        return None if argv else sys.exit(2)
+    return run_with_one_line_errors(lambda: _dispatch(argv, explicit))
 
 if __name__ == "__main__":
     main()

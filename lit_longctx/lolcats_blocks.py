@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -476,20 +475,10 @@ def main(argv: list[str] | None = None) -> Any:
 
     Bad input ends with one ``error:`` line (``LIT_LONGCTX_DEBUG=1`` shows the traceback), as in ``lit-longctx``.
     """
-    from jsonargparse import CLI
+    from lit_longctx.cli import _run_jsonargparse, run_with_one_line_errors
 
-    from lit_longctx.cli import _find_user_error
-
-    try:
-        return CLI({"save": save_block_inputs, "stitch": stitch_blocks}, args=argv, as_positional=False,
-                   prog="python -m lit_longctx.lolcats_blocks")
-    except Exception as exc:
-        cause = _find_user_error(exc)
-        if os.environ.get("LIT_LONGCTX_DEBUG") or cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
-
+    return run_with_one_line_errors(lambda: _run_jsonargparse({"save": save_block_inputs, "stitch": stitch_blocks},
+                                                              argv, "python -m lit_longctx.lolcats_blocks"))
 
 if __name__ == "__main__":
     main()
