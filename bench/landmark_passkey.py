@@ -12,6 +12,11 @@ Usage:
     python bench/landmark_passkey.py                              # fit, evaluate, print
     python bench/landmark_passkey.py --skip-fit --out docs/results.md
     python bench/landmark_passkey.py --skip-fit --top-k 1 3 --selection per_token_and_head max_over_tokens
+    # on the keys-1-999 baseline (runs/landmark_passkey_base999/, see configs/landmark_passkey_keys999.yaml):
+    python bench/landmark_passkey.py --config configs/landmark_passkey.yaml \
+        --config configs/landmark_passkey_keys999.yaml --control-config configs/landmark_passkey_control.yaml \
+        --control-config configs/landmark_passkey_control_keys999.yaml \
+        --baseline-ckpt runs/landmark_passkey_base999/last.ckpt --key-range 1 999 --top-k 3 1
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ def markdown(args: argparse.Namespace, rows: list[tuple[str, dict[str, Any]]], f
               "Commands:", "", "```", "python bench/landmark_passkey.py " + " ".join(
                   shlex.quote(a) for a in args.argv), f"# = lit-longctx fit {' '.join(config_args(args.config))}"]
     if args.control_config:
-        lines.append(f"#   lit-longctx fit --config {args.control_config}")
+        lines.append(f"#   lit-longctx fit {' '.join(config_args(args.control_config))}")
     for label, result in rows:
         lines.append(f"#   lit-longctx test {' '.join(config_args(result['configs']))} --config {args.eval_config} "
                      + " ".join(shlex.quote(a) for a in result["command"]) + f"   # {label}")
@@ -156,9 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-ckpt", default="runs/landmark_passkey_base/last.ckpt",
                    help="the baseline's checkpoint (the one the landmark model was fine-tuned from); if missing, the "
                         "newest last.ckpt under the baseline config's run directory")
-    p.add_argument("--control-config", default="configs/landmark_passkey_control.yaml",
-                   help="the same continuation with plain attention (fit unless --skip-fit; evaluated when it has a "
-                        "checkpoint); empty: none")
+    p.add_argument("--control-config", action="append", default=None,
+                   help="the same continuation with plain attention (repeat to compose; fit unless --skip-fit; "
+                        "evaluated when it has a checkpoint); default configs/landmark_passkey_control.yaml; empty: "
+                        "none")
     p.add_argument("--eval-config", default="configs/eval/passkey.yaml")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -171,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="markdown file whose section to replace (or append)")
     args = p.parse_args(argv)
     args.config = args.config or ["configs/landmark_passkey.yaml"]
+    args.control_config = [c for c in (args.control_config or ["configs/landmark_passkey_control.yaml"]) if c]
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -180,16 +187,19 @@ def main(argv: list[str] | None = None) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(REPO)
     loads = [os.getloadavg()[0]]
-    runs = [args.config] + ([[args.control_config]] if args.control_config else [])
-    facts = {} if args.skip_fit else {" + ".join(c): fit(c, args.fit_arg) for c in runs}
-    rows = []
+    facts, rows = {}, []
+    # each model is evaluated right after its fit, so a run cut short still leaves the landmark model's results.json
+    if not args.skip_fit:
+        facts[" + ".join(args.config)] = fit(args.config, args.fit_arg)
     for selection in args.selection:
         for k in args.top_k:
             rows.append((f"landmark (top-{k}, {selection})",
                          evaluate(args.config, args, {"top_k": k, "selection": selection})))
-    if args.control_config and last_checkpoint([args.control_config]) is not None:
+    if args.control_config and not args.skip_fit:
+        facts[" + ".join(args.control_config)] = fit(args.control_config, args.fit_arg)
+    if args.control_config and last_checkpoint(args.control_config) is not None:
         rows.append(("control: causal RoPE, same continuation (KV cache)",
-                     evaluate([args.control_config], args, None)))
+                     evaluate(args.control_config, args, None)))
     baseline = args.baseline_ckpt if Path(args.baseline_ckpt).exists() else last_checkpoint([args.baseline_config])
     if baseline is not None:
         rows.append(("baseline: causal RoPE (KV cache)", evaluate([args.baseline_config], args, None, str(baseline),
