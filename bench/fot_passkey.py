@@ -60,7 +60,7 @@ def run_eval(configs: list[str], args: argparse.Namespace, extra: list[str]) -> 
     return passkey_curve.evaluate(configs, args.eval_config, ns)
 
 
-def teacher_forced(checkpoint: str, seq_len: int, key_range: tuple[int, int] = (1, 50000), n_docs: int = 24,
+def teacher_forced(checkpoint: str, seq_len: int, key_range: tuple[int, int] = (1, 999), n_docs: int = 24,
                    seed: int = 777) -> dict[str, str]:
     """Why retrieval works or not: the share of passkey documents whose answer tokens are all predicted (argmax,
     teacher-forced) by the checkpoint, in four settings:
@@ -204,8 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=5, help="prompts per (length, depth) cell")
     p.add_argument("--skip-fit", action="store_true", help="evaluate the configs' existing last checkpoints")
     p.add_argument("--seq-len", type=int, default=256, help="T of the models (for the teacher-forced diagnosis)")
-    p.add_argument("--key-range", type=int, nargs=2, default=[1, 50000],
-                   help="keys of the teacher-forced diagnosis (the training data's key_range)")
+    p.add_argument("--key-range", type=int, nargs=2, default=[1, 999],
+                   help="keys of the teacher-forced diagnosis (the training data's key_range: "
+                        "configs/fot_passkey.yaml's 1-999)")
     p.add_argument("--out", type=Path, default=None, help="markdown file whose '## FoT' section to replace")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)

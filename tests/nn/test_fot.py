@@ -520,6 +520,25 @@ def test_long_input_equals_manual_chunked_feeding():
     assert state.caches[1].memory_length == 33
 
 
+@pytest.mark.parametrize("mem_layers", [(1,), (0, 2)])
+def test_cross_batch_training_equals_session(mem_layers):
+    """Training and inference see the same thing: the windows of one document as consecutive rows with cross-batch
+    range r (every row seeing all earlier windows of its document, no negatives) give the logits that FoTSession gives
+    when it feeds the document with the earlier windows going to memory W at a time and the last W tokens local."""
+    model = tiny_model(mem_layers=mem_layers)
+    ids = torch.randint(0, 61, (2, 4 * W))
+    with torch.no_grad():
+        session = FoTSession(model, batch_size=2, last_context_length=W).forward_logits(ids)
+        for row in range(2):
+            windows = ids[row].reshape(4, W)  # rows b = windows b of one document: row b sees rows b-1..0
+            train = model(windows, cross_batch_range=3, dataset_packing=1, cross_batch_stepping=False).logits
+            torch.testing.assert_close(train.reshape(4 * W, -1), session[row], atol=1e-5, rtol=1e-5)
+            if len(mem_layers) == 1:  # doc_aware_k4 pack after another: its last window sees its 3 positives only
+                pack = model(torch.cat([windows.flip(0), windows]), cross_batch_range=3, dataset_packing=4).logits
+                torch.testing.assert_close(pack[7], session[row, 3 * W :], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(pack[4], session[row, :W], atol=1e-5, rtol=1e-5)
+
+
 def test_continuation_and_generation_across_eviction():
     """Oracle 15: prompt, a continuation call, then greedy tokens across two evictions, against the slow replay."""
     model = tiny_model(mem_layers=(1,), fot={"last_context_length": 5})
