@@ -322,5 +322,11 @@ def main(argv: list[str] | None = None) -> Any:
         return None if argv else sys.exit(2)
     return run_with_one_line_errors(lambda: _dispatch(argv, explicit))
 
-if __name__ == "__main__":
+
+def console_main() -> None:
+    """The ``lit-longctx`` console script: :func:`main` without its return value, which the script wrapper would hand
+    to ``sys.exit`` (printing it and exiting with status 1)."""
     main()
+
+if __name__ == "__main__":
+    console_main()

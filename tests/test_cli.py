@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -96,6 +97,22 @@ def test_convert_round_trip_and_init_from(tmp_path, capsys):
     back = from_hf(tmp_path / "hf2")
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_console_script_exits_zero_after_a_subcommand_that_returns_a_value(tmp_path, monkeypatch):
+    """The installed ``lit-longctx`` wrapper calls ``sys.exit(entry())``: any non-None return would print it and exit
+    with status 1, so the entry point must return None even when the subcommand returns a value."""
+    from importlib.metadata import entry_points
+
+    (entry,) = entry_points(group="console_scripts", name="lit-longctx")
+    model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64))
+    to_hf(model, tmp_path / "hf")
+    argv = ["lit-longctx", "convert", "from-hf", "--source", str(tmp_path / "hf"), "--output", str(tmp_path / "m.ckpt")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(entry.load()())
+    assert exit_info.value.code is None
+    assert (tmp_path / "m.ckpt").exists()
 
 
 # --------------------------------------------------------------------------------------------------- bad input
