@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import cpu_name, write_section  # noqa: E402
 
 from lit_longctx.nn import ModelConfig, Transformer
 from lit_longctx.nn.attention.fot import FoTCache, FoTSession
@@ -160,7 +161,7 @@ def render(args: argparse.Namespace, train: dict[str, dict[str, Any]], ingest: d
         SECTION,
         "",
         f"Measured {datetime.date.today()} by `bench/fot_overhead.py` ({minutes:.1f} min): `{cmd}`. Hardware: "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch thread: the machine was "
+        f"{cpu_name()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch thread: the machine was "
         f"shared with other jobs, which more threads mostly measure), Linux {platform.release()}; Python "
         f"{platform.python_version()}, torch {torch.__version__}; fp32.",
         "",
@@ -235,12 +236,6 @@ def render(args: argparse.Namespace, train: dict[str, dict[str, Any]], ingest: d
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = text.rstrip("\n") + "\n\n"
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new.rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -269,7 +264,7 @@ def main() -> None:
     text = render(args, train, ingest, (time.perf_counter() - start) / 60)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, text, SECTION)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import passkey_curve  # noqa: E402  (bench/ is not a package)
+from benchlib import cpu_name, write_section  # noqa: E402
 
 SECTION = "## FoT"
 NO_MEMORY = {"context_window": 65536, "last_context_length": 65536}
@@ -169,7 +170,7 @@ def markdown(args: argparse.Namespace, rows: list[tuple[str, dict[str, Any]]], f
     evals = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
     lines += [
         f"- Evaluation: {evals}. CPU time of the whole script {cpu[1] - cpu[0]:.0f} s.", "",
-        f"Measured {datetime.date.today().isoformat()} on {passkey_curve.cpu_name()} ({os.cpu_count()} logical CPUs, "
+        f"Measured {datetime.date.today().isoformat()} on {cpu_name()} ({os.cpu_count()} logical CPUs, "
         f"{torch.get_num_threads()} torch threads), Python {platform.python_version()}, torch {torch.__version__}, "
         f"fp32; the machine was shared with other jobs (1-minute load average {loads[0]:.1f} at the start, "
         f"{loads[1]:.1f} at the end), so wall times are noisy.", "",
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> str:
     section = markdown(args, rows, memory, facts, seconds, (cpu[0], cpu[1]), (loads[0], loads[1]), diagnosis)
     print(section)
     if args.out is not None:
-        passkey_curve.write_section(args.out, section, SECTION)
+        write_section(args.out, section, SECTION, "# Results")
     return section
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import cpu_name, write_section  # noqa: E402
 
 from lit_longctx.nn import DecodingSession, ModelConfig, Transformer
 from lit_longctx.nn.attention.landmark import LandmarkSession, insert_on_grid
@@ -137,14 +138,6 @@ def model_args(args: argparse.Namespace) -> list[str]:
             "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def markdown(args: argparse.Namespace, train: dict, memory: dict, decode: dict, n_params: int, command: str,
@@ -219,16 +212,6 @@ def markdown(args: argparse.Namespace, train: dict, memory: dict, decode: dict, 
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's ``##`` section in ``path`` (other sections are left alone), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -272,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     section = markdown(args, train, memory, decode, n_params, command, (load0, os.getloadavg()[0]))
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, SECTION)
 
 
 if __name__ == "__main__":

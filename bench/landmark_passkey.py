@@ -32,15 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import cpu_name, write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Landmark attention"
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def config_args(configs: list[str]) -> list[str]:
@@ -138,16 +135,6 @@ def markdown(args: argparse.Namespace, rows: list[tuple[str, dict[str, Any]]], f
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (up to the next ``## `` heading), or append it."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,7 +195,7 @@ def main(argv: list[str] | None = None) -> str:
     section = markdown(args, rows, facts, (loads[0], loads[1]))
     print(section)
     if args.out is not None:
-        write_section(args.out, section)
+        write_section(args.out, section, SECTION, "# Results")
     return section
 
 

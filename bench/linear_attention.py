@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ import sys
 import time
 
 import torch
+from benchlib import cpu_name  # noqa: E402
 
 from lit_longctx.nn.attention.base import AttentionContext, build_attention
 from lit_longctx.nn.attention.causal import KVCache
@@ -59,12 +59,6 @@ def state_bytes(cache: KVCache | HybridLinearCache) -> int:
     return sum(x.numel() * x.element_size() for x in (cache.k, cache.v))
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def max_rss_mib() -> float:

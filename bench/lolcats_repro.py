@@ -33,6 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from benchlib import cpu_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +143,7 @@ def main() -> None:
     teacher_ppl, none, lol = results["teacher"]["ppl"], results["no_transfer"]["ppl"], results["lolcats"]["ppl"]
     closed = (none - lol) / (none - teacher_ppl) if none != teacher_ppl else float("nan")
     report = {"results": results, "gap_closed": closed, "seconds": times, "args": vars(args), "base": base,
-              "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor(),
+              "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
               "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print("| model | val PPL after swap (0 steps) | val PPL after LoRA |")

@@ -36,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from benchlib import cpu_name, write_section  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lit_longctx.hf import config_from_hf, load_weights  # noqa: E402
@@ -205,14 +206,6 @@ def measure_decode(args: argparse.Namespace, models: dict[str, torch.nn.Module])
     return medians(samples)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def markdown(
@@ -283,16 +276,6 @@ def ratio(theirs: float, ours: float) -> str:
     return f"{r:.2f}" if r >= 1.0 else f"{r:.2f} (missed)"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's ``##`` section in ``path`` (other sections are left alone), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -338,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     section = markdown(args, thr, mem, dec, n_params, command, load, time.perf_counter() - start)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, SECTION)
 
 
 if __name__ == "__main__":

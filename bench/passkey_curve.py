@@ -29,18 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import cpu_name, write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SECTION = "## Passkey retrieval baseline"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def config_args(configs: list[str]) -> list[str]:
@@ -151,16 +145,6 @@ def markdown(args: argparse.Namespace, summary: dict[str, Any], facts: dict[str,
     return "\n".join(line.rstrip() for line in lines)
 
 
-def write_section(path: Path, section: str, title: str) -> None:
-    """Replace the ``title`` section of ``path`` (other sections are left alone), or append it."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    start = text.find(title + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,7 +186,7 @@ def main(argv: list[str] | None = None) -> str:
     section = markdown(args, summary, facts, test_seconds, run, (loads[0], loads[1]))
     print(section)
     if args.out is not None:
-        write_section(args.out, section, args.section)
+        write_section(args.out, section, args.section, "# Results")
     return section
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from benchlib import cpu_name  # noqa: E402
 
 from lit_longctx.datamodules import TextData  # noqa: E402
 from lit_longctx.flops import flops_per_batch  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
         median = statistics.median(ts)
         rows.append((name, median, tokens / median, flops / median / args.peak_flops))
     ratio = rows[1][1] / rows[0][1]  # transformers' step time / ours on the same attention
-    print(f"\nCPU fp32, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"\nCPU fp32, {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; batch 16 x 256 tokens; {args.rounds} rounds x {args.steps} steps")
     print(f"| implementation | median step (ms) | tokens/s | MFU (peak {args.peak_flops:.0e}) |")
     print("|---|---:|---:|---:|")
