@@ -94,17 +94,7 @@ def _make_cli(args: list[str] | None) -> Any:
                     "(lit-longctx fit --config ...) or pass the checkpoint path"
                 )
 
-        def before_fit(self) -> None:
-            self._resolve_last()
-
-        def before_validate(self) -> None:
-            self._resolve_last()
-
-        def before_test(self) -> None:
-            self._resolve_last()
-
-        def before_predict(self) -> None:
-            self._resolve_last()
+        before_fit = before_validate = before_test = before_predict = _resolve_last
 
     return LongCtxCLI(
         CausalLM,
