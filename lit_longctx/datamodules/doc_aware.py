@@ -36,13 +36,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lit_longctx.datamodules.base import SampleStream
 from lit_longctx.datamodules.passkey import LABELS as PASSKEY_LABELS
-from lit_longctx.datamodules.passkey import PasskeyDocuments
+from lit_longctx.datamodules.passkey import PasskeyDocuments, init_passkey_options, module_passkey_documents
 from lit_longctx.datamodules.sources import TextSource
 from lit_longctx.datamodules.text import MixtureStream, TextData, normalize_weights
 from lit_longctx.datamodules.token_files import TokenSplit
-from lit_longctx.eval.passkey import ANSWER_TEMPLATE, build_task, check_template
+from lit_longctx.eval.passkey import ANSWER_TEMPLATE
 from lit_longctx.nn.loss import IGNORE_INDEX
-from lit_longctx.tokenizers import ByteTokenizer
 
 #: one document: its token ids, or ``{"input_ids": ids, "loss_mask": 0/1 per id}`` to choose which tokens are targets
 Document = Sequence[int] | Mapping[str, Sequence[int]]
@@ -690,30 +689,10 @@ class DocAwareData(TextData):
             raise ValueError(f"min_example_length must be one value >= 0 or one per source ({len(self.sources)}), "
                              f"got {min_example_length}")
         self.min_example_length = lengths * len(self.sources) if len(lengths) == 1 else lengths
-        if not 0.0 <= passkey_fraction <= 1.0:
-            raise ValueError(f"passkey_fraction must lie in [0, 1] (the share of passkey documents), got "
-                             f"{passkey_fraction}")
-        if passkey_labels not in PASSKEY_LABELS:
-            raise ValueError(f"unknown passkey_labels {passkey_labels!r}: use 'all' (every token) or 'answer'")
         k = self.dataset_packing
-        low, high = (seq_len // 2, k * seq_len) if passkey_lengths is None else tuple(passkey_lengths)
-        if not 1 <= low <= high:
-            raise ValueError(f"passkey_lengths must be (min, max) with 1 <= min <= max, got {[low, high]}")
-        if not 0.0 <= passkey_depths[0] <= passkey_depths[1] <= 1.0:
-            raise ValueError(f"passkey_depths must be (min, max) with 0 <= min <= max <= 1, got {list(passkey_depths)}")
-        check_template(answer_template, ("key",), "answer")
-        build_task(task, ByteTokenizer(), template=template, key_range=tuple(key_range), n_keys=n_keys,
-                   needle_template=needle_template)  # bad templates and keys fail here, before any tokenizing
-        self.passkey_fraction = passkey_fraction
-        self.passkey_lengths = (int(low), int(high))
-        self.passkey_depths = (float(passkey_depths[0]), float(passkey_depths[1]))
-        self.passkey_labels = passkey_labels
-        self.task = task
-        self.key_range = (int(key_range[0]), int(key_range[1]))
-        self.template = template
-        self.needle_template = needle_template
-        self.n_keys = n_keys
-        self.answer_template = answer_template
+        lengths = (seq_len // 2, k * seq_len) if passkey_lengths is None else tuple(passkey_lengths)
+        init_passkey_options(self, passkey_fraction, lengths, None, passkey_depths, passkey_labels, task, key_range,
+                             template, needle_template, n_keys, answer_template)
         self._eval_batches: _EvalBatches | None = None
 
     # --- what the model needs to know
@@ -730,10 +709,7 @@ class DocAwareData(TextData):
     # --- documents
     def passkey_documents(self) -> PasskeyDocuments:
         """The passkey document generator (this module's tokenizer, lengths, depths, task and seed; no BOS/EOS)."""
-        return PasskeyDocuments(
-            self.tokenizer, self.passkey_lengths, self.passkey_depths, self.task, self.seed, self.key_range,
-            self.template, self.needle_template, self.n_keys, self.answer_template, bos=False, eos=False,
-        )
+        return module_passkey_documents(self, bos=False, eos=False)
 
     def _split_documents(self, split: str, shuffle: bool) -> list[SplitDocuments]:
         tok = self.tokenizer

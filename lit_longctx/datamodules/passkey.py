@@ -314,6 +314,49 @@ def _range(values: Sequence[float], name: str, low: float, high: float | None = 
     return values[0], values[1]
 
 
+def init_passkey_options(
+    module: Any, fraction: float, lengths: Sequence[int], max_length: int | None, depths: Sequence[float],
+    labels: str, task: str, key_range: Sequence[int], template: str | None, needle_template: str | None,
+    n_keys: int, answer_template: str,
+) -> None:
+    """Check the passkey training options shared by :class:`PasskeyMixData` and
+    :class:`~lit_longctx.datamodules.doc_aware.DocAwareData` and store them on ``module`` (as ``passkey_fraction``,
+    ``passkey_lengths``, ``passkey_depths``, ``passkey_labels``, ``task``, ``key_range``, ``template``,
+    ``needle_template``, ``n_keys`` and ``answer_template``). Bad templates and keys fail here, before any tokenizer
+    is trained or any text tokenized.
+
+    Args:
+        lengths: the resolved (min, max) passkey document length; ``max_length`` bounds its max (None: no bound).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"passkey_fraction must lie in [0, 1] (the share of passkey samples), got {fraction}")
+    if labels not in LABELS:
+        raise ValueError(f"unknown passkey_labels {labels!r}: use 'all' (every token) or 'answer' (answer only)")
+    low, high = _range(lengths, "passkey_lengths", 1, max_length)
+    depth_low, depth_high = _range(depths, "passkey_depths", 0.0, 1.0)
+    check_template(answer_template, ("key",), "answer")
+    build_task(task, ByteTokenizer(), template=template, key_range=tuple(key_range), n_keys=n_keys,
+               needle_template=needle_template)
+    module.passkey_fraction = fraction
+    module.passkey_lengths = (int(low), int(high))
+    module.passkey_depths = (float(depth_low), float(depth_high))
+    module.passkey_labels = labels
+    module.task = task
+    module.key_range = (int(key_range[0]), int(key_range[1]))
+    module.template = template
+    module.needle_template = needle_template
+    module.n_keys = n_keys
+    module.answer_template = answer_template
+
+
+def module_passkey_documents(module: Any, bos: bool, eos: bool) -> PasskeyDocuments:
+    """The :class:`PasskeyDocuments` of a module whose options :func:`init_passkey_options` stored."""
+    return PasskeyDocuments(
+        module.tokenizer, module.passkey_lengths, module.passkey_depths, module.task, module.seed, module.key_range,
+        module.template, module.needle_template, module.n_keys, module.answer_template, bos=bos, eos=eos,
+    )
+
+
 class PasskeyDocuments:
     """Retrieval training documents (prompt + answer) as token ids, of random token length and needle depth.
 
@@ -521,27 +564,9 @@ class PasskeyMixData(TextData):
     ) -> None:
         super().__init__(sources, tokenizer, seq_len, batch_size, num_workers, seed, train_tokenizer,
                          tokenizer_sample_chars, cache_dir, val_fraction, val_docs, shuffle)
-        if not 0.0 <= passkey_fraction <= 1.0:
-            raise ValueError(f"passkey_fraction must lie in [0, 1] (share of passkey rows), got {passkey_fraction}")
-        if passkey_labels not in LABELS:
-            raise ValueError(f"unknown passkey_labels {passkey_labels!r}: use 'answer' (answer tokens only) or 'all'")
         lengths = (seq_len // 2, seq_len + 1) if passkey_lengths is None else tuple(passkey_lengths)
-        _range(lengths, "passkey_lengths", 1, seq_len + 1)
-        _range(passkey_depths, "passkey_depths", 0.0, 1.0)
-        check_template(answer_template, ("key",), "answer")
-        # fail at init on bad templates or keys, before the tokenizer is trained
-        build_task(task, ByteTokenizer(), template=template, key_range=tuple(key_range), n_keys=n_keys,
-                   needle_template=needle_template)
-        self.passkey_fraction = passkey_fraction
-        self.passkey_lengths = (int(lengths[0]), int(lengths[1]))
-        self.passkey_depths = tuple(passkey_depths)
-        self.passkey_labels = passkey_labels
-        self.task = task
-        self.key_range = tuple(key_range)
-        self.template = template
-        self.needle_template = needle_template
-        self.n_keys = n_keys
-        self.answer_template = answer_template
+        init_passkey_options(self, passkey_fraction, lengths, seq_len + 1, passkey_depths, passkey_labels, task,
+                             key_range, template, needle_template, n_keys, answer_template)
 
     def passkey_documents(self, bos: bool = True, eos: bool = True) -> PasskeyDocuments:
         """The passkey documents of this module (its tokenizer, lengths, depths, task and seed).
@@ -550,10 +575,7 @@ class PasskeyMixData(TextData):
             bos: start documents with BOS (False for the doc-aware pipelines, which add BOS and EOS).
             eos: end documents with EOS.
         """
-        return PasskeyDocuments(
-            self.tokenizer, self.passkey_lengths, self.passkey_depths, self.task, self.seed, self.key_range,
-            self.template, self.needle_template, self.n_keys, self.answer_template, bos=bos, eos=eos,
-        )
+        return module_passkey_documents(self, bos, eos)
 
     def train_stream(self) -> SampleStream:
         text = super().train_stream()
