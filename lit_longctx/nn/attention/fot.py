@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
-from lit_longctx.nn.attention.causal import attend, repeat_kv
+from lit_longctx.nn.attention.causal import attend, causal_doc_mask, repeat_kv
 from lit_longctx.nn.config import ConfigError, ModelConfig
 from lit_longctx.nn.generate import DecodingSession
 
@@ -276,7 +276,7 @@ def _paper_layout(batch_size: int, d: int, k: int, device: torch.device | str | 
 def cross_batch_bias(layout: CrossBatchLayout, seq_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask (B, 1, T, (S+1)·T): causal on slot 0, 0 on visible slots, -1e6 elsewhere."""
     b, s = layout.visible.shape
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    causal = causal_doc_mask(seq_len, seq_len, device)
     local = torch.where(causal, 0.0, MASK_VALUE).to(dtype)[None, :, None, :].expand(b, seq_len, 1, seq_len)
     extra = torch.where(layout.visible.to(device), 0.0, MASK_VALUE).to(dtype)  # (B, S)
     extra = extra[:, None, :, None].expand(b, seq_len, s, seq_len)
@@ -631,8 +631,7 @@ def memory_attention(
     scale = d**-0.5 if scale is None else scale
     dt = _compute_dtype(q.dtype)
     heads, queries = grouping if grouping is not None else (h, n)
-    qpos = torch.arange(n, device=q.device).unsqueeze(1) + (length - n)
-    local_bias = torch.where(torch.arange(length, device=q.device) <= qpos, 0.0, MASK_VALUE).to(dt)  # (n, L)
+    local_bias = torch.where(causal_doc_mask(n, length, q.device), 0.0, MASK_VALUE).to(dt)  # (n, L)
     mem_bias = None
     if memory is not None and bool((memory[2] != 0).any()):
         mem_bias = memory[2].to(dt).clamp_min(MASK_VALUE).unsqueeze(1)  # (B, 1, 1, M)

@@ -225,6 +225,32 @@ def hybrid_attention_quadratic(
 
 
 # ------------------------------------------------------------------------------------- chunked causal prefix sum
+def _state_or_zeros(state: LinearState | None, fq: torch.Tensor, v: torch.Tensor) -> LinearState:
+    """``state``, or the empty (S, z) (zeros (B, H, 2F, D), (B, H, 2F)) for features fq (B, H, ·, 2F), values v."""
+    if state is not None:
+        return state
+    b, h, _, f2 = fq.shape
+    return fq.new_zeros(b, h, f2, v.shape[-1]), fq.new_zeros(b, h, f2)
+
+
+def _window_plus_linear(
+    scores: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    num_lin: torch.Tensor,
+    den_lin: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. 7 for one tile: [γ Σ_W e^{s−c} v + α·num_lin] / [γ Σ_W e^{s−c} + α·den_lin], c = max of the window scores.
+
+    scores (…, n) over the window keys (masked ones −inf), v (…, n, D); num_lin (…, D), den_lin (…, 1) the linear part.
+    """
+    p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    num = p @ v + alpha * num_lin
+    den = p.sum(dim=-1, keepdim=True) + alpha * den_lin
+    return num / den
+
+
 def causal_linear_sums(
     fq: torch.Tensor,
     fk: torch.Tensor,
@@ -243,12 +269,8 @@ def causal_linear_sums(
     Returns:
         num (B, H, T, D), den (B, H, T), and the final state (S, z) including every key.
     """
-    b, h, t, f2 = fq.shape
-    if state is None:
-        kv_state = fq.new_zeros(b, h, f2, v.shape[-1])
-        k_state = fq.new_zeros(b, h, f2)
-    else:
-        kv_state, k_state = state
+    b, h, t, _ = fq.shape
+    kv_state, k_state = _state_or_zeros(state, fq, v)
     tri = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=fq.device).tril()
     num = fq.new_empty(b, h, t, v.shape[-1])
     den = fq.new_empty(b, h, t)
@@ -291,9 +313,8 @@ def sliding_hybrid_prefix_sum(
     shift is taken by pairing queries w.. with keys ..T−w (queries < w see only the initial state). The window
     part runs over banded tiles: C queries against the C+w−1 keys ending at the tile's last query, j ∈ (i−w, i].
     """
-    b, h, t, f2 = fq.shape
-    w = window_size
-    kv_state, k_state = state if state is not None else (fq.new_zeros(b, h, f2, v.shape[-1]), fq.new_zeros(b, h, f2))
+    t, w = fq.shape[2], window_size
+    kv_state, k_state = _state_or_zeros(state, fq, v)
     head = fq[:, :, : min(w, t)]  # queries with an empty shifted prefix
     num_lin, den_lin = head @ kv_state, (head @ k_state.unsqueeze(-1)).squeeze(-1)  # (B, H, ≤w, D), (B, H, ≤w)
     if t > w:
@@ -311,10 +332,9 @@ def sliding_hybrid_prefix_sum(
         scores = ((q[:, :, a : a + n] @ k[:, :, lo : a + n].transpose(-1, -2)) * scale).masked_fill_(
             ~band, float("-inf")
         )
-        p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-        num = p @ v[:, :, lo : a + n] + alpha * num_lin[:, :, a : a + n]
-        den = p.sum(dim=-1, keepdim=True) + alpha * den_lin[:, :, a : a + n].unsqueeze(-1)
-        y[:, :, a : a + n] = num / den
+        y[:, :, a : a + n] = _window_plus_linear(
+            scores, v[:, :, lo : a + n], gamma, alpha, num_lin[:, :, a : a + n], den_lin[:, :, a : a + n].unsqueeze(-1)
+        )
     return y
 
 
@@ -348,8 +368,7 @@ def terrace_hybrid_scan(
     is_pad[o : o + t] = False
     ones = torch.ones(w, w, dtype=torch.bool, device=q.device)
     tile = torch.cat([ones, ones.tril()], dim=1)  # (w, 2w): previous block fully, own block causally
-    b, h, _, f2 = fq.shape
-    kv_state, k_state = state if state is not None else (fq.new_zeros(b, h, f2, v.shape[-1]), fq.new_zeros(b, h, f2))
+    kv_state, k_state = _state_or_zeros(state, fq, v)
     outs = []
     for blk in range(n_blocks):
         a, lo = blk * w, max(0, (blk - 1) * w)
@@ -358,11 +377,10 @@ def terrace_hybrid_scan(
         scores = ((q[:, :, a : a + w] @ k[:, :, lo : a + w].transpose(-1, -2)) * scale).masked_fill(
             ~mask, float("-inf")
         )  # (B, H, w, ≤2w)
-        p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
         fqb = fq[:, :, a : a + w]
-        num = p @ v[:, :, lo : a + w] + alpha * (fqb @ kv_state)
-        den = p.sum(dim=-1, keepdim=True) + alpha * (fqb @ k_state.unsqueeze(-1))
-        outs.append(num / den)
+        outs.append(
+            _window_plus_linear(scores, v[:, :, lo : a + w], gamma, alpha, fqb @ kv_state, fqb @ k_state.unsqueeze(-1))
+        )
         if blk >= 1:  # block t−1 joins the linear set of block t+1
             kv_state = kv_state + fk[:, :, lo:a].transpose(-1, -2) @ v[:, :, lo:a]
             k_state = k_state + fk[:, :, lo:a].sum(dim=2)
@@ -529,6 +547,10 @@ class HybridLinearAttention(Attention):
             y, _ = self.attend(q, k, v, window=self.window, block_offset=self._block_offset(q.shape[2]))
         return self.output(y.to(x.dtype))
 
+    def _expand_kv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, Hkv, S, D) keys or values -> (B, H, S, D) in ``dtype`` (each KV head repeated for its query group)."""
+        return repeat_kv(x, self.n_heads // self.n_kv_heads).to(dtype)
+
     def _block_offset(self, length: int) -> int:
         end = self.window == "tk" and self.block_alignment == "end"
         return (-length) % self.window_size if end else 0
@@ -557,8 +579,7 @@ class HybridLinearAttention(Attention):
         Returns y (B, H, T, D) in the compute dtype, and Â (B, H, T, S) when ``return_weights``.
         """
         acc = compute_dtype(q.dtype)
-        rep = self.n_heads // self.n_kv_heads
-        q, k, v = q.to(acc), repeat_kv(k, rep).to(acc), repeat_kv(v, rep).to(acc)
+        q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         gamma, alpha = self.factors(acc)
         if return_weights or self.path == "quadratic":
@@ -595,9 +616,8 @@ class HybridLinearAttention(Attention):
         if n_drop <= 0:
             return
         acc = cache.kv_state.dtype
-        rep = self.n_heads // self.n_kv_heads
-        k_old = repeat_kv(cache.k[:, :, :n_drop], rep).to(acc)  # (B, H, n_drop, D)
-        v_old = repeat_kv(cache.v[:, :, :n_drop], rep).to(acc)
+        k_old = self._expand_kv(cache.k[:, :, :n_drop], acc)  # (B, H, n_drop, D)
+        v_old = self._expand_kv(cache.v[:, :, :n_drop], acc)
         fk = self.feature_map_k(k_old)  # (B, H, n_drop, 2F)
         cache.kv_state = cache.kv_state + fk.transpose(-1, -2) @ v_old
         cache.k_state = cache.k_state + fk.sum(dim=2)
@@ -608,8 +628,7 @@ class HybridLinearAttention(Attention):
         t = q.shape[2]
         if self.window == "none":
             acc = cache.kv_state.dtype
-            rep = self.n_heads // self.n_kv_heads
-            q, k, v = q.to(acc), repeat_kv(k, rep).to(acc), repeat_kv(v, rep).to(acc)
+            q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
             y, (cache.kv_state, cache.k_state) = linear_attention(
                 self.feature_map_q(q), self.feature_map_k(k), v, state=(cache.kv_state, cache.k_state)
             )
@@ -633,15 +652,11 @@ class HybridLinearAttention(Attention):
         """One query (B, H, 1, D) over its whole window k, v (B, Hkv, n, D) plus the linear state (spec §2 decode)."""
         kv_state, k_state = state
         acc = kv_state.dtype
-        rep = self.n_heads // self.n_kv_heads
-        q, k, v = q.to(acc), repeat_kv(k, rep).to(acc), repeat_kv(v, rep).to(acc)
+        q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
         fq = self.feature_map_q(q)  # (B, H, 1, 2F)
         gamma, alpha = self.factors(acc)
         scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, 1, n)
-        p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-        num = p @ v + alpha * (fq @ kv_state)
-        den = p.sum(dim=-1, keepdim=True) + alpha * (fq @ k_state.unsqueeze(-1))
-        return num / den
+        return _window_plus_linear(scores, v, gamma, alpha, fq @ kv_state, fq @ k_state.unsqueeze(-1))
 
     # ------------------------------------------------------------------------------------------- distillation
     def _distill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -665,7 +680,7 @@ class HybridLinearAttention(Attention):
     def _teacher_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Causal softmax weights A (B, H, T, T) in the compute dtype."""
         acc = compute_dtype(q.dtype)
-        k = repeat_kv(k, self.n_heads // self.n_kv_heads).to(acc)
+        k = self._expand_kv(k, acc)
         scores = (q.to(acc) @ k.transpose(-1, -2)) * self.scale
         mask = causal_doc_mask(q.shape[2], k.shape[2], q.device)
         return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

@@ -49,7 +49,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
-from lit_longctx.nn.attention.causal import repeat_kv
+from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
 from lit_longctx.nn.config import ConfigError, ModelConfig
 from lit_longctx.nn.generate import DecodingSession
 from lit_longctx.nn.rope import apply_rotary
@@ -216,8 +216,7 @@ def grouped_softmax_weights(
     dev = scores.device
     blk = torch.cumsum(is_mem.long(), dim=1) - is_mem.long()  # (B, S) landmarks strictly before j
     own = blk[:, off:]  # (B, Tq) block of each query
-    causal = torch.arange(s, device=dev).unsqueeze(0) <= torch.arange(off, s, device=dev).unsqueeze(1)  # (Tq, S)
-    visible = causal.view(1, 1, tq, s)
+    visible = causal_doc_mask(tq, s, dev).view(1, 1, tq, s)
     if key_mask is not None:
         visible = visible & key_mask
     mem = is_mem.view(b, 1, 1, s)
@@ -589,7 +588,7 @@ def attend_with_cache(
     # one seq_len for every table (dynamic-NTK RoPE depends on it), the one the queries were rotated with
     seq_len = int(local_pos.max()) + 1
     cos, sin = rope(local_pos, seq_len=seq_len)
-    local_kr = apply_rotary(local_k.transpose(1, 2), cos.unsqueeze(2), sin.unsqueeze(2)).transpose(1, 2)
+    local_kr = apply_rotary(local_k, cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, m + T, D)
     scores = torch.matmul(q.to(cdt), repeat_kv(local_kr, n_rep).to(cdt).transpose(-1, -2)) * scale  # (B,H,T,m+T)
     flags = local_mem.unsqueeze(0).expand(b, -1)
 
@@ -599,8 +598,8 @@ def attend_with_cache(
         kk = min(cache.top_k, n)
         mem_pos = start + slot_start(scoring_slots(n, kk, q.device), kk, bk) + bk - 1  # (B, n)
         cos, sin = rope(mem_pos, seq_len=seq_len)
-        mem_k = apply_rotary(cache.landmark_keys().transpose(1, 2), cos.unsqueeze(2), sin.unsqueeze(2))
-        mem_k = repeat_kv(mem_k.transpose(1, 2), n_rep).to(cdt)  # (B, H, n, D)
+        mem_k = apply_rotary(cache.landmark_keys(), cos.unsqueeze(1), sin.unsqueeze(1))
+        mem_k = repeat_kv(mem_k, n_rep).to(cdt)  # (B, H, n, D)
         selected = select_blocks(torch.matmul(q.to(cdt), mem_k.transpose(-1, -2)) * scale, kk, cache.selection)
         kb, vb = cache.gather(selected, n_rep)  # (B, H, Tr, k', Bk, D)
         tr = selected.shape[2]
