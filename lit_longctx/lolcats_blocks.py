@@ -394,19 +394,17 @@ class BlockTransfer(AttentionTransfer):
         if strategy is not None and (is_fsdp1(strategy) or is_fsdp2(strategy) or is_deepspeed(strategy)):
             raise ConfigError("BlockTransfer trains one block per process: use a single device (or DDP), and one "
                               "process per block for parallelism")
-        start = None if self._resuming() else self._init_checkpoint
-        if start is None:
+        if self._init_checkpoint is None or self._resuming():
             self.model = self.build_model()
             return
-        if not start.state_dict:
-            start = read_checkpoint(self.hparams.init_from)
+        state = self._init_from_weights()
         with torch.device("meta"):
             model = self.build_model()
-        state = self.complete_state(start.state_dict, model)
+        state = self.complete_state(state, model)
         wanted = model.state_dict()
         missing = [k for k in wanted if k not in state]
         if missing:
-            raise CheckpointError(f"{start.source} lacks {missing[:8]} for layers {self.block_start}.."
+            raise CheckpointError(f"{self._init_checkpoint.source} lacks {missing[:8]} for layers {self.block_start}.."
                                   f"{self.block_end - 1}: init_from must be the model the block inputs came from")
         dtype = state[next(iter(wanted))].dtype
         model.load_state_dict({k: state[k].to(dtype) for k in wanted}, strict=True, assign=True)

@@ -203,8 +203,8 @@ class CausalLM(L.LightningModule):
             is_fsdp1(strategy) or (is_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False))
         )
         load_now = self._init_checkpoint is not None and not wraps_later and not self._resuming()
-        if self._init_checkpoint is not None and not self._init_checkpoint.state_dict and not self._resuming():
-            self._init_checkpoint = read_checkpoint(self.hparams.init_from)
+        if self._init_checkpoint is not None and not self._resuming():
+            self._init_from_weights()
         if is_fsdp2(strategy) or load_now:
             with torch.device("meta"):
                 model = self.build_model()
@@ -227,6 +227,12 @@ class CausalLM(L.LightningModule):
                 set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
                 self._init_checkpoint = None
         self.model = model
+
+    def _init_from_weights(self) -> dict[str, torch.Tensor]:
+        """The ``init_from`` state dict, read on first use (the constructor reads the config and tokenizer only)."""
+        if not self._init_checkpoint.state_dict:
+            self._init_checkpoint = read_checkpoint(self.hparams.init_from)
+        return self._init_checkpoint.state_dict
 
     def _restore_path(self) -> str | None:
         if self.ckpt_path_hint is not None:
@@ -425,7 +431,8 @@ class CausalLM(L.LightningModule):
         warmup = int(hp.warmup_steps * decay) if 0 < hp.warmup_steps < 1 else int(hp.warmup_steps)
         return lambda step: lr_factor(step, warmup, decay, hp.min_lr_ratio, hp.lr_schedule, hp.cosine_cycles)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def _adamw(self) -> torch.optim.AdamW:
+        """AdamW over :meth:`parameter_groups`, fused where every parameter's device supports it (not DeepSpeed)."""
         hp = self.hparams
         groups = self.parameter_groups()
         kwargs = dict(lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps)
@@ -433,9 +440,12 @@ class CausalLM(L.LightningModule):
             self.trainer.strategy
         )
         try:
-            optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
+            return torch.optim.AdamW(groups, fused=fused, **kwargs)
         except (RuntimeError, TypeError):
-            optimizer = torch.optim.AdamW(groups, **kwargs)
+            return torch.optim.AdamW(groups, **kwargs)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self._adamw()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

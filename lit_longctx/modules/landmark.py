@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from lit_longctx.checkpoint import read_checkpoint, tokenizer_to_files
+from lit_longctx.checkpoint import tokenizer_to_files
 from lit_longctx.datamodules.landmark import LANDMARK_PIECE, LandmarkData, landmark_token_id
 from lit_longctx.hf import CheckpointError
 from lit_longctx.modules.causal_lm import CausalLM
@@ -153,10 +153,9 @@ class Landmark(CausalLM):
             self._complete_options()
             self.landmark_options.validate(self.model_config.vocab_size)
             if self._init_checkpoint is not None:
-                if not self._init_checkpoint.state_dict:
-                    self._init_checkpoint = read_checkpoint(self.hparams.init_from)
+                state = self._init_from_weights()
                 self._init_checkpoint.state_dict = grow_rows(
-                    self._init_checkpoint.state_dict, self.model_config.vocab_size, self.model_config.tie_embeddings)
+                    state, self.model_config.vocab_size, self.model_config.tie_embeddings)
         super().configure_model()
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if isinstance(dm, LandmarkData):

@@ -38,10 +38,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from lit_longctx.checkpoint import read_checkpoint
 from lit_longctx.hf import CheckpointError
 from lit_longctx.modules.causal_lm import CausalLM
-from lit_longctx.modules.parallel import is_deepspeed
 from lit_longctx.nn.attention import build_attention
 from lit_longctx.nn.attention.hybrid_linear import DISTILL, DISTILL_XENT, HybridLinearAttention, distill_losses
 from lit_longctx.nn.config import ConfigError, ModelConfig
@@ -198,11 +196,10 @@ class _LinearizedLM(CausalLM):
 
     def configure_model(self) -> None:
         if self.model is None and self._init_checkpoint is not None and not self._resuming():
-            if not self._init_checkpoint.state_dict:
-                self._init_checkpoint = read_checkpoint(self.hparams.init_from)
+            state = self._init_from_weights()
             with torch.device("meta"):
                 skeleton = self.build_model()
-            self._init_checkpoint.state_dict = self.complete_state(self._init_checkpoint.state_dict, skeleton)
+            self._init_checkpoint.state_dict = self.complete_state(state, skeleton)
         super().configure_model()
 
     # ----------------------------------------------------------------------------------------------------- steps
@@ -215,15 +212,7 @@ class _LinearizedLM(CausalLM):
         if self.hparams.lr_scheduler == "schedule":
             return super().configure_optimizers()
         hp = self.hparams
-        groups = self.parameter_groups()
-        kwargs = dict(lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps)
-        fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"]) and not is_deepspeed(
-            self.trainer.strategy
-        )
-        try:
-            optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
-        except (RuntimeError, TypeError):
-            optimizer = torch.optim.AdamW(groups, **kwargs)
+        optimizer = self._adamw()
         self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr
         )
