@@ -120,11 +120,12 @@ def convert_from_hf(source: str, output: str, dtype: str | None = None, rope_the
     """
     from lit_longctx.checkpoint import save_checkpoint
     from lit_longctx.hf import from_hf, resolve_hf_path
+    from lit_longctx.nn.config import parse_dtype
     from lit_longctx.tokenizers import load_tokenizer
 
     path = resolve_hf_path(source)
     overrides = {"rope_theta": rope_theta} if rope_theta is not None else {}
-    model = from_hf(path, dtype=_dtype(dtype), **overrides)
+    model = from_hf(path, dtype=parse_dtype(dtype), **overrides)
     tokenizer = None
     if (path / "tokenizer.model").exists() or (path / "tokenizer.json").exists():
         tokenizer = load_tokenizer(path)
@@ -142,24 +143,12 @@ def convert_to_hf(checkpoint: str, output: str, dtype: str | None = None) -> Pat
         dtype: write the weights in this dtype; default: as stored.
     """
     from lit_longctx.export import export_hf
+    from lit_longctx.nn.config import parse_dtype
 
-    out = export_hf(checkpoint, output, dtype=_dtype(dtype))
+    out = export_hf(checkpoint, output, dtype=parse_dtype(dtype))
     print(f"wrote {out}")
     return out
 
-
-def _dtype(name: str | None) -> Any:
-    import torch
-
-    if name is None:
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        from lit_longctx.nn.config import ConfigError
-
-        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
-    return table[name]
 
 
 # -------------------------------------------------------------------------------------------------------- generate
@@ -194,6 +183,7 @@ def generate_text(
     import torch
 
     from lit_longctx.checkpoint import load_model
+    from lit_longctx.nn.config import parse_dtype
     from lit_longctx.nn.generate import generate
 
     if prompt.startswith("@"):
@@ -203,7 +193,7 @@ def generate_text(
         prompt = prompt_file.read_text()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = _dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
     model, tokenizer, _ = load_model(checkpoint, device=device, dtype=torch_dtype)
     if tokenizer is None:
         from lit_longctx.hf import CheckpointError

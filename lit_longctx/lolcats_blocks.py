@@ -56,12 +56,11 @@ from lit_longctx.modules.lolcats import AttentionTransfer, hybrid_layers, is_tra
 from lit_longctx.modules.parallel import is_deepspeed, is_fsdp1, is_fsdp2
 from lit_longctx.nn.attention import AttentionContext, get_attention
 from lit_longctx.nn.attention.hybrid_linear import distill_losses
-from lit_longctx.nn.config import ConfigError, ModelConfig
+from lit_longctx.nn.config import ConfigError, ModelConfig, parse_dtype
 from lit_longctx.nn.llama import Block, Transformer
 from lit_longctx.nn.rope import RotaryEmbedding
 
 FORMAT = "lit-longctx-block-inputs/1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def block_starts(n_layers: int, block_size: int) -> list[int]:
@@ -179,15 +178,14 @@ def save_block_inputs(
         rank: this process's index when several processes share the shards (shard i goes to rank i % world_size).
         world_size: number of processes sharing the shards.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    torch_dtype = parse_dtype(dtype)
     if epochs < 1 or shard_rows < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"need epochs >= 1, shard_rows >= 1 and 0 <= rank < world_size, got {epochs}, "
                           f"{shard_rows}, {rank}, {world_size}")
     if shard_rows % data.batch_size:
         # rows are computed in the micro-batches training uses, so the saved states are bit-identical to a joint run's
         raise ConfigError(f"shard_rows={shard_rows} must be a multiple of the data's batch_size={data.batch_size}")
-    model = _teacher(init_from, device, DTYPES.get(dtype) if dtype else None)
+    model = _teacher(init_from, device, torch_dtype)
     starts = block_starts(model.config.n_layers, block_size)
     data.prepare_data()
     data.setup("fit")

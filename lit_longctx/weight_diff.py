@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lit_longctx.hf import CheckpointError, read_hf_config
+from lit_longctx.nn.config import parse_dtype
 
 #: tolerance of the seed's integrity check (absolute, on the sum of all parameters)
 CHECKSUM_TOLERANCE = 1e-2
@@ -256,11 +257,6 @@ def _prepare_output(output: str | os.PathLike, *inputs: Path) -> Path:
     return out
 
 
-def _dtype(name: str | None) -> torch.dtype:
-    table = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return table[name]
 
 
 def recover(
@@ -287,7 +283,7 @@ def recover(
     """
     base_t, diff_t = LazyTensors(base, "base"), LazyTensors(diff, "diff")
     expected = read_checksum(checksum, diff_t.directory)
-    out_dtype = _dtype(dtype)
+    out_dtype = parse_dtype(dtype) or torch.float32
     out = _prepare_output(output, base_t.directory, diff_t.directory) if output is not None else None
     writer = ShardWriter(out, int(max_shard_size_gb * 2**30)) if out is not None else None
     total = torch.zeros((), dtype=torch.float32)

@@ -19,6 +19,25 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and how to fix it."""
 
 
+_DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32",
+                "float64": "float64", "fp64": "float64"}
+
+
+def parse_dtype(value: Any, what: str = "dtype") -> Any:
+    """A torch floating dtype from a config value: its name (``bfloat16``/``bf16``, ``float16``/``fp16``/``half``,
+    ``float32``/``fp32``/``float``, ``float64``/``fp64``, optionally ``torch.``-prefixed) or a ``torch.dtype``;
+    None stays None. ``what`` names the setting in the error."""
+    import torch
+
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = _DTYPE_NAMES.get(str(value).removeprefix("torch."))
+    if name is None:
+        raise ConfigError(f"{what}={value!r} is not a floating dtype; use one of {', '.join(_DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
 @dataclass
 class RopeConfig:
     """Rotary position embedding settings (key names as in transformers' ``rope_scaling``).

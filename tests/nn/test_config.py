@@ -202,3 +202,15 @@ def test_unknown_keys_and_attention_kinds():
         build_attention(tiny(attention="nope"), 0)
     with pytest.raises(ConfigError, match=r"bad attention_options for kind 'causal'"):
         build_attention(tiny(attention_options={"causal": {"window": 4}}), 0)
+
+
+def test_dtype_names_parse_to_torch_dtypes_and_others_are_refused():
+    import torch
+
+    from lit_longctx.nn.config import parse_dtype
+
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("torch.float16") is torch.float16
+    assert parse_dtype("float") is torch.float32 and parse_dtype(torch.float64) is torch.float64
+    assert parse_dtype(None) is None
+    with pytest.raises(ConfigError, match=r"mem_dtype='int8' is not a floating dtype; use one of bfloat16, bf16"):
+        parse_dtype("int8", "mem_dtype")

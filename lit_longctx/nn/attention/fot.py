@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
 from lit_longctx.nn.attention.causal import attend, causal_doc_mask, repeat_kv
-from lit_longctx.nn.config import ConfigError, ModelConfig
+from lit_longctx.nn.config import ConfigError, ModelConfig, parse_dtype
 from lit_longctx.nn.generate import DecodingSession
 
 if TYPE_CHECKING:
@@ -53,24 +53,12 @@ MASK_VALUE = -1e6
 #: ``AttentionContext.extras`` key under which :meth:`FoTAttention.prepare_context` stores the batch's layout
 LAYOUT_KEY = "fot_layout"
 CROSS_BATCH_MODES = ("longllama", "paper")
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "float64": torch.float64, "fp64": torch.float64}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """promote(dtype, float32): logits and softmax are at least float32 (spec §1.3)."""
     return torch.promote_types(dtype, torch.float32)
 
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``mem_dtype`` as given in a config (``"bfloat16"``, ``"float32"``, a torch dtype, or None = compute dtype)."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ConfigError(f"mem_dtype={value!r} is not a floating dtype; use one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[name]
 
 
 # ------------------------------------------------------------------------------------------- HF config interop
@@ -97,7 +85,7 @@ def longllama_config(config: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"mem_layers": memory_layers(config)}
     for key, default in {**LONGLLAMA_KEYS, **JAX_KEYS}.items():
         out[key] = opts.get(key, default)
-    dtype = parse_dtype(out["mem_dtype"])
+    dtype = parse_dtype(out["mem_dtype"], "mem_dtype")
     out["mem_dtype"] = None if dtype is None else str(dtype).removeprefix("torch.")
     if out["mem_attention_grouping"] is not None:
         out["mem_attention_grouping"] = [int(x) for x in out["mem_attention_grouping"]]
@@ -748,7 +736,7 @@ class FoTAttention(Attention):
         if cross_batch_mode not in CROSS_BATCH_MODES:
             raise ConfigError(f"cross_batch_mode={cross_batch_mode!r} is unknown; use longllama or paper")
         self.mem_positionals = bool(mem_positionals)
-        self.mem_dtype = parse_dtype(mem_dtype)
+        self.mem_dtype = parse_dtype(mem_dtype, "mem_dtype")
         self.mem_attention_grouping = mem_attention_grouping
         self.torch_attention = bool(torch_attention)
         self.top_k = None if top_k is None else int(top_k)
