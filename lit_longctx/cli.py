@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TOP_HELP = """usage: lit-longctx {fit,validate,test,predict,convert,generate,weight-diff} ...
+TOP_HELP = """usage: lit-longctx SUBCOMMAND ...
 
 Train, fine-tune, extend and evaluate long-context LLaMA-family models.
 
@@ -219,9 +219,10 @@ def generate_text(
 def _user_error(exc: BaseException) -> bool:
     """Errors raised by lit-longctx for bad input (shown as one line) rather than bugs (shown with a traceback)."""
     from lit_longctx.hf import CheckpointError
+    from lit_longctx.io import NotWritableError
     from lit_longctx.nn.config import ConfigError
 
-    if isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError)):
+    if isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, NotWritableError)):
         return True
     if isinstance(exc, (ValueError, TypeError, KeyError)):
         frames = traceback.extract_tb(exc.__traceback__)
@@ -281,15 +282,29 @@ def run_with_one_line_errors(call: Callable[[], Any]) -> Any:
         sys.exit(2)
 
 
-def _dispatch(argv: list[str], explicit: bool) -> Any:
-    if argv[0] == "convert":
-        return _run_jsonargparse({"from-hf": convert_from_hf, "to-hf": convert_to_hf}, argv[1:], "lit-longctx convert")
-    if argv[0] == "generate":
-        return _run_jsonargparse(generate_text, argv[1:], "lit-longctx generate")
-    if argv[0] == "weight-diff":
-        from lit_longctx.weight_diff import make_diff, recover
+def _convert() -> Any:
+    return {"from-hf": convert_from_hf, "to-hf": convert_to_hf}
 
-        return _run_jsonargparse({"recover": recover, "make": make_diff}, argv[1:], "lit-longctx weight-diff")
+
+def _weight_diff() -> Any:
+    from lit_longctx.weight_diff import make_diff, recover
+
+    return {"recover": recover, "make": make_diff}
+
+
+# The subcommands that are not LightningCLI's: name -> a function returning what jsonargparse's CLI runs (a function
+# or a dict of them). A new subcommand is a function in its own module plus one line here (imports stay lazy, so
+# `lit-longctx fit` never imports a server or an evaluation harness).
+SUBCOMMANDS: dict[str, Callable[[], Any]] = {
+    "convert": _convert,
+    "generate": lambda: generate_text,
+    "weight-diff": _weight_diff,
+}
+
+
+def _dispatch(argv: list[str], explicit: bool) -> Any:
+    if argv[0] in SUBCOMMANDS:
+        return _run_jsonargparse(SUBCOMMANDS[argv[0]](), argv[1:], f"lit-longctx {argv[0]}")
     _make_cli(argv if explicit else None)
     return None
 
