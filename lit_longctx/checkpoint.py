@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lit_longctx.hf import CheckpointError, config_from_hf, load_hf_state_dict, load_weights, read_hf_config
+from lit_longctx.hf import CheckpointError, load_weights, read_hf_dir
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.llama import Transformer
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
@@ -148,26 +148,9 @@ def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> 
 
 
 def _from_hf_dir(p: Path, with_weights: bool = True) -> LoadedCheckpoint:
-    """An HF directory; one exported by lit-longctx also restores its attention layout and extra tensors."""
-    hf = read_hf_config(p)
-    record = hf.get("lit_longctx", {})
-    layout = {}
-    if record:
-        layout = {"attention": record.get("attention", "causal"),
-                  "layer_attention": {int(k): v for k, v in record.get("layer_attention", {}).items()},
-                  "attention_options": record.get("attention_options", {})}
-    else:  # a LongLLaMA directory: its mem_layers become FoT memory layers
-        from lit_longctx.nn.attention.fot import longllama_layout
-
-        layout = longllama_layout(hf) or {}
-    config = config_from_hf(hf, **layout)
-    state = load_hf_state_dict(p) if with_weights else {}
-    extras = p / "lit_longctx_extras.safetensors"
-    if extras.exists() and with_weights:
-        from safetensors.torch import load_file
-
-        state.update(load_file(str(extras)))
-    return LoadedCheckpoint(config, state, record.get("method", "causal"), _hf_tokenizer_files(p), record, str(p))
+    """An HF directory through the one HF-directory reader (:func:`lit_longctx.hf.read_hf_dir`)."""
+    d = read_hf_dir(p, with_weights=with_weights)
+    return LoadedCheckpoint(d.config, d.state_dict, d.method, _hf_tokenizer_files(p), d.record, str(p))
 
 
 def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> LoadedCheckpoint:

@@ -119,17 +119,18 @@ def convert_from_hf(source: str, output: str, dtype: str | None = None, rope_the
         rope_theta: override the RoPE base (e.g. Llemma contracted Code Llama's 1e6 to 1e4).
     """
     from lit_longctx.checkpoint import save_checkpoint
-    from lit_longctx.hf import from_hf, resolve_hf_path
+    from lit_longctx.hf import read_hf_dir, resolve_hf_path
     from lit_longctx.nn.config import parse_dtype
     from lit_longctx.tokenizers import load_tokenizer
 
     path = resolve_hf_path(source)
     overrides = {"rope_theta": rope_theta} if rope_theta is not None else {}
-    model = from_hf(path, dtype=parse_dtype(dtype), **overrides)
+    directory = read_hf_dir(path, **overrides)  # the same reader as from_hf, generate and init_from
+    model = directory.build(dtype=parse_dtype(dtype))
     tokenizer = None
     if (path / "tokenizer.model").exists() or (path / "tokenizer.json").exists():
         tokenizer = load_tokenizer(path)
-    out = save_checkpoint(output, model, tokenizer=tokenizer)
+    out = save_checkpoint(output, model, tokenizer=tokenizer, method=directory.method, extra=directory.record)
     print(f"wrote {out} ({model.num_params() / 1e6:.1f}M parameters)")
     return out
 

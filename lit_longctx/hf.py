@@ -1,5 +1,11 @@
 """Hugging Face LLaMA checkpoint directories in and out.
 
+``read_hf_dir(path)`` is the one reader of HF-style directories: every path that reads one (``from_hf``, ``lit-longctx
+convert from-hf``, ``generate``, ``init_from``, ``read_checkpoint``) goes through it, so they all build the same model.
+The attention layout comes from a lit-longctx export's ``lit_longctx`` record, else from the attention kinds' own
+``from_hf_config`` hooks (LongLLaMA's ``mem_layers`` are read by the FoT kind); an export's method tensors
+(``lit_longctx_extras.safetensors``) are added to the weights.
+
 ``from_hf(path)`` reads ``config.json`` + weights (``model.safetensors``, sharded ``model.safetensors.index.json``,
 or ``pytorch_model.bin`` files loaded with ``weights_only=True``) into a :class:`Transformer`; ``to_hf(model, path)``
 writes ``config.json`` + safetensors that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with no missing or
@@ -13,11 +19,13 @@ import json
 import os
 import re
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lit_longctx.nn.attention import hf_config_layout
 from lit_longctx.nn.config import ModelConfig, RopeConfig
 from lit_longctx.nn.llama import Transformer
 
@@ -196,6 +204,64 @@ def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
+#: what a lit-longctx export writes beside the weights: method tensors (e.g. LoLCATs feature maps)
+EXTRAS_FILE = "lit_longctx_extras.safetensors"
+
+
+def hf_dir_config(hf: dict[str, Any], **overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
+    """ModelConfig of an HF ``config.json`` dict with its attention layout, and the export's ``lit_longctx`` record.
+
+    The layout comes from the record of a lit-longctx export, else from the attention kinds' ``from_hf_config``
+    hooks (e.g. LongLLaMA's ``mem_layers`` -> ``fot`` layers); ``overrides`` (ModelConfig fields, ``rope_theta``)
+    replace it.
+    """
+    record = hf.get("lit_longctx") or {}
+    if record:
+        layout = {"attention": record.get("attention", "causal"),
+                  "layer_attention": {int(k): v for k, v in record.get("layer_attention", {}).items()},
+                  "attention_options": record.get("attention_options", {})}
+    else:
+        layout = hf_config_layout(hf)
+    return config_from_hf(hf, **{**layout, **overrides}), record
+
+
+@dataclass
+class HFDirectory:
+    """An HF-style checkpoint directory as read by :func:`read_hf_dir`, before any model is built."""
+
+    path: Path
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        """The lit-longctx method that exported it (``causal`` for foreign directories such as LongLLaMA's)."""
+        return self.record.get("method", "causal")
+
+    def build(self, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Transformer:
+        """The model with the directory's weights (strict: every tensor must fit)."""
+        with torch.device("meta"):
+            model = Transformer(self.config)
+        load_weights(model, self.state_dict, source=f"HF checkpoint {str(self.path)!r}")
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def read_hf_dir(path: str | os.PathLike, *, with_weights: bool = True, **config_overrides: Any) -> HFDirectory:
+    """Read an HF-style directory (local path; see :func:`resolve_hf_path` for hub ids): config with its attention
+    layout (:func:`hf_dir_config`), weights plus the export's method tensors unless ``with_weights=False``."""
+    path = Path(path)
+    config, record = hf_dir_config(read_hf_config(path), **config_overrides)
+    state: dict[str, torch.Tensor] = {}
+    if with_weights:
+        state = load_hf_state_dict(path)
+        if (path / EXTRAS_FILE).exists():
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(path / EXTRAS_FILE)))
+    return HFDirectory(path, config, state, record)
+
+
 def from_hf(
     path: str | os.PathLike,
     *,
@@ -203,18 +269,12 @@ def from_hf(
     device: torch.device | str = "cpu",
     **config_overrides: Any,
 ) -> Transformer:
-    """Build a :class:`Transformer` from an HF LLaMA directory (or hub id) with its weights.
+    """Build a :class:`Transformer` from an HF LLaMA directory (or hub id) with its weights (:func:`read_hf_dir`).
 
     ``dtype`` defaults to the checkpoint's; ``config_overrides`` replace ModelConfig fields (e.g. ``rope_theta``,
     ``attention``, ``layer_attention``) before the model is built.
     """
-    path = resolve_hf_path(path)
-    config = config_from_hf(read_hf_config(path), **config_overrides)
-    state = load_hf_state_dict(path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    load_weights(model, state, source=f"HF checkpoint {str(path)!r}")
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return read_hf_dir(resolve_hf_path(path), **config_overrides).build(dtype=dtype, device=device)
 
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None,
@@ -259,8 +319,7 @@ def to_hf(
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     save_torch_state_dict(state, path, max_shard_size=max_shard_size)
     if extra_tensors:
-        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
-                  str(path / "lit_longctx_extras.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(path / EXTRAS_FILE))
     if tokenizer is not None:
         tokenizer.save(path)
     return path

@@ -6,6 +6,7 @@ from lit_longctx.nn.attention.base import (
     available_attentions,
     build_attention,
     get_attention,
+    hf_config_layout,
     register_attention,
 )
 from lit_longctx.nn.attention.causal import CausalAttention, KVCache, attend
@@ -29,5 +30,6 @@ __all__ = [
     "available_attentions",
     "build_attention",
     "get_attention",
+    "hf_config_layout",
     "register_attention",
 ]

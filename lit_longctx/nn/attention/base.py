@@ -94,6 +94,16 @@ class Attention(nn.Module):
     def prepare_context(cls, ctx: AttentionContext, input_ids: torch.Tensor, config: ModelConfig) -> None:
         """Add this kind's per-batch layout to ``ctx.extras`` once per forward (default: nothing)."""
 
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> dict[str, Any] | None:
+        """ModelConfig fields (``layer_attention``, ``attention_options``) for a foreign HF ``config.json`` that this
+        kind's original code wrote (e.g. LongLLaMA's ``mem_layers``), or None when the dict is not one of them.
+
+        Every HF-directory reader asks each registered kind through :func:`hf_config_layout`, so method keys are
+        recognised by the method's own code in one place.
+        """
+        return None
+
     def flops_per_token(self, context_len: int) -> float:
         """Attention-score FLOPs per token (fwd + bwd, PaLM convention: 12·H·Q·T) at ``context_len`` keys.
 
@@ -129,6 +139,17 @@ def get_attention(kind: str) -> type[Attention]:
 
 def available_attentions() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def hf_config_layout(hf: dict[str, Any]) -> dict[str, Any]:
+    """The attention layout the registered kinds read from a foreign HF ``config.json`` ({} for a plain LLaMA).
+
+    Two kinds claiming the same dict is an error: a directory has one origin.
+    """
+    found = {kind: layout for kind, cls in _REGISTRY.items() if (layout := cls.from_hf_config(hf)) is not None}
+    if len(found) > 1:
+        raise ConfigError(f"config.json is claimed by several attention kinds ({', '.join(sorted(found))})")
+    return next(iter(found.values()), {})
 
 
 def build_attention(config: ModelConfig, layer_idx: int) -> Attention:

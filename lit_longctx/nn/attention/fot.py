@@ -94,12 +94,26 @@ def longllama_config(config: ModelConfig) -> dict[str, Any]:
 
 def longllama_layout(hf: dict[str, Any]) -> dict[str, Any] | None:
     """``layer_attention`` and ``attention_options`` (ModelConfig fields) for an HF config.json that carries LongLLaMA's
-    ``mem_layers`` (a LongLLaMA checkpoint, ``model_type: longllama``); None when it has no memory layers."""
+    ``mem_layers`` (a LongLLaMA checkpoint, ``model_type: longllama``); None when it has no memory layers.
+
+    ``mem_layers`` naming a layer the model does not have is an error (it would otherwise be dropped silently).
+    """
     layers = hf.get("mem_layers")
     if not layers:
         return None
+    n_layers = hf.get("num_hidden_layers")
+    try:
+        layers = [int(i) for i in layers]
+    except (TypeError, ValueError):
+        raise ConfigError(f"config.json mem_layers={hf['mem_layers']!r} must be a list of layer indices") from None
+    bad = [i for i in layers if n_layers is not None and not 0 <= i < int(n_layers)]
+    if bad:
+        raise ConfigError(
+            f"config.json mem_layers={layers} names layers {bad} that a model of num_hidden_layers={n_layers} does not "
+            f"have (indices 0..{int(n_layers) - 1}); fix mem_layers in the checkpoint's config.json"
+        )
     options = {key: hf[key] for key in (*LONGLLAMA_KEYS, *JAX_KEYS) if key in hf}
-    return {"layer_attention": {int(i): "fot" for i in layers}, "attention_options": {"fot": options}}
+    return {"layer_attention": {i: "fot" for i in layers}, "attention_options": {"fot": options}}
 
 
 # ------------------------------------------------------------------------------------------------ cross-batch layout
@@ -746,6 +760,11 @@ class FoTAttention(Attention):
         self.scan_key_chunk_size = int(scan_key_chunk_size)
         self.cross_batch_mode = cross_batch_mode
         self.cross_batch_range = int(cross_batch_range)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> dict[str, Any] | None:
+        """A LongLLaMA config.json's memory layers and settings (:func:`longllama_layout`)."""
+        return longllama_layout(hf)
 
     # ------------------------------------------------------------------------------------------------- layout
     @classmethod
