@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lit_longctx.nn.attention import AttentionContext, build_attention, get_attention
+from lit_longctx.nn.attention import AttentionContext, build_attention, check_forward_extras, get_attention
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.loss import linear_cross_entropy
 from lit_longctx.nn.rope import RotaryEmbedding
@@ -110,6 +110,10 @@ def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     if not bool(starts.any()):
         return None
     return torch.nn.functional.pad(starts.long().cumsum(1), (1, 0))
+
+
+#: the keyword parameters of :meth:`Transformer.forward` itself (named in the error for an unknown keyword)
+FORWARD_PARAMETERS = ("input_ids", "position_ids", "labels", "state", "doc_ids", "return_logits", "return_hidden")
 
 
 class Transformer(nn.Module):
@@ -230,9 +234,11 @@ class Transformer(nn.Module):
             doc_ids: explicit document index per token (overrides the one derived from positions).
             return_logits: True / "all", "last" (only the last position), False; default: logits iff no labels.
             return_hidden: also return the final normalised hidden states.
-            **extras: per-batch options for attention kinds (placed into ``AttentionContext.extras``).
+            **extras: per-batch options of the model's attention kinds (their ``forward_extras``; placed into
+                ``AttentionContext.extras``). Any other keyword is an error naming the accepted ones.
         """
         self.check_input_ids(input_ids)
+        check_forward_extras(self.kinds, extras, FORWARD_PARAMETERS)
         b, t = input_ids.shape
         if position_ids is None:
             start = state.position if state is not None else 0

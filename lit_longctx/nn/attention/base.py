@@ -49,6 +49,8 @@ class Attention(nn.Module):
     kind: ClassVar[str] = ""
     #: an inference-session class (see ``lit_longctx.nn.generate``) when the kind needs its own decoding driver
     session_class: ClassVar[type | None] = None
+    #: per-batch keyword arguments of ``Transformer.forward`` this kind reads from ``ctx.extras`` (others are rejected)
+    forward_extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -139,6 +141,32 @@ def get_attention(kind: str) -> type[Attention]:
 
 def available_attentions() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def check_forward_extras(kinds: list[str], extras: dict[str, Any], fixed: tuple[str, ...] = ()) -> None:
+    """Reject keyword arguments of a forward that none of ``kinds`` declares in ``forward_extras``.
+
+    A misspelt option (``cross_batch_rang=3``) or one of a kind the model does not use would otherwise be ignored
+    silently and the batch run with plain attention. ``fixed`` names the forward's own parameters, for the message.
+    """
+    accepted = {name for kind in kinds for name in get_attention(kind).forward_extras}
+    unknown = sorted(set(extras) - accepted)
+    if not unknown:
+        return
+    import difflib
+
+    owners = {name: kind for kind, cls in _REGISTRY.items() for name in cls.forward_extras}
+    hints = []
+    for name in unknown:
+        if name in owners:
+            hints.append(f"{name} is an option of attention kind {owners[name]!r}, which no layer of this model uses")
+        elif close := difflib.get_close_matches(name, sorted(accepted) + list(fixed), n=1):
+            hints.append(f"did you mean {close[0]}?")
+    per_kind = "; ".join(f"{kind}: {', '.join(get_attention(kind).forward_extras) or 'none'}" for kind in kinds)
+    raise ValueError(
+        f"unknown keyword argument(s) {unknown} for the model forward" + (f" ({'; '.join(hints)})" if hints else "")
+        + f"; it accepts {', '.join(fixed)} and the per-batch options of this model's attention kinds ({per_kind})"
+    )
 
 
 def hf_config_layout(hf: dict[str, Any]) -> dict[str, Any]:

@@ -705,6 +705,8 @@ class FoTAttention(Attention):
     """
 
     session_class: ClassVar[type | None] = None  # FoTSession, set below
+    forward_extras: ClassVar[tuple[str, ...]] = ("cross_batch_range", "cross_batch_stepping", "dataset_packing",
+                                                 "cross_batch_ranges")
 
     def __init__(
         self,
@@ -948,8 +950,8 @@ class FoTSession(DecodingSession):
         if self.local_length + n > self.window:
             self.evict()
         positions = torch.arange(self.local_length, self.local_length + n, device=ids.device).expand(ids.shape[0], n)
-        out = self.model(ids, position_ids=positions, state=self.state, return_logits=want_logits,
-                         cross_batch_range=0)
+        extras = {"cross_batch_range": 0} if "fot" in self.model.kinds else {}  # memory, never cross-batch
+        out = self.model(ids, position_ids=positions, state=self.state, return_logits=want_logits, **extras)
         self.local_length += n
         return out.logits.float() if want_logits else None
 

@@ -58,7 +58,7 @@ Shapes: B batch, H query heads, Hkv key/value heads, T queries, S keys, D head d
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -445,6 +445,8 @@ class HybridLinearAttention(Attention):
         decode_window: ``sliding`` (exact w-key window, the reference's decode) or ``terrace`` (tk with start
             alignment only; reproduces the tk forward).
     """
+
+    forward_extras: ClassVar[tuple[str, ...]] = (DISTILL, DISTILL_XENT)
 
     def __init__(
         self,
