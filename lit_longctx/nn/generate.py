@@ -1,9 +1,10 @@
 """Autoregressive generation over any attention kind's inference state.
 
-A *session* drives one batch of sequences through the model: ``prefill(ids)`` ingests a prompt (in chunks, so a prompt
-longer than one forward chunk never builds a T×T score matrix at once) and ``step(ids)`` feeds generated tokens.
-:class:`DecodingSession` is the plain KV-cache driver; an attention kind that needs its own driver (FoT's memory
-with ``last_context_length``, landmark insertion, ...) names a subclass in ``Attention.session_class``.
+A *session* (:mod:`lit_longctx.nn.session`) drives one batch of sequences through the model: ``prefill(ids,
+attention_mask)`` ingests prompts and ``step(ids)`` feeds generated tokens. :class:`DecodingSession` is the plain
+KV-cache driver; an attention kind that needs its own driver (FoT's memory with ``last_context_length``, landmark
+insertion, ...) names a subclass in ``Attention.session_class``. ``generate`` takes several prompts of different
+lengths and batches them with left padding; every row continues as it would alone.
 
 Sampling: greedy (temperature 0), temperature, top-k, top-p (nucleus, Holtzman et al. 2020), stop tokens.
 """
@@ -15,51 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:  # attention kinds subclass DecodingSession, so this module imports nothing of the model at load time
+from lit_longctx.nn.attention import get_attention
+from lit_longctx.nn.session import DecodingSession, left_pad
+
+if TYPE_CHECKING:
     from lit_longctx.nn.llama import Transformer
 
-
-class DecodingSession:
-    """Chunked prefill and token-by-token decoding with the model's per-layer caches."""
-
-    def __init__(self, model: Transformer, batch_size: int = 1, prefill_chunk: int | None = None, **_: Any) -> None:
-        self.model = model
-        self.batch_size = batch_size
-        self.prefill_chunk = prefill_chunk or model.config.max_seq_len
-        self.state = model.new_state(batch_size)
-
-    @property
-    def position(self) -> int:
-        return self.state.position
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed (B, n) ids through the caches; return the last position's logits (B, V) in float32."""
-        return self.model(ids, state=self.state, return_logits="last").logits[:, -1].float()
-
-    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed (B, n) ids through the caches; return float32 logits (B, n, V) of every fed token (perplexity).
-
-        Methods override this with their own path (FoT memory schedule, landmark insertion) so evaluation scores
-        what the method would compute.
-        """
-        return self.model(ids, state=self.state, return_logits=True).logits.float()
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = None
-        for start in range(0, ids.shape[1], self.prefill_chunk):
-            logits = self.forward(ids[:, start : start + self.prefill_chunk])
-        if logits is None:
-            raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's BOS)")
-        return logits
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.forward(ids)
+__all__ = ["DecodingSession", "generate", "sample_next", "session_for"]
 
 
 def session_for(model: Transformer, batch_size: int = 1, **kwargs: Any) -> DecodingSession:
     """The decoding session the model's attention kinds ask for (plain KV cache unless a kind names another)."""
-    from lit_longctx.nn.attention import get_attention
-
     classes = {get_attention(k).session_class for k in model.kinds} - {None}
     if len(classes) > 1:
         names = ", ".join(sorted(c.__name__ for c in classes))
@@ -98,10 +65,26 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prompt_batch(
+    prompt: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids (B, N), attention_mask or None) of a (B, N) tensor, one list of ids, or several lists (left-padded)."""
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt.to(device=device, dtype=torch.long)
+        return (ids.unsqueeze(0) if ids.dim() == 1 else ids), None
+    prompt = list(prompt)
+    if prompt and not isinstance(prompt[0], int) and hasattr(prompt[0], "__len__"):
+        lengths = {len(p) for p in prompt}
+        if len(lengths) > 1:
+            return left_pad([list(p) for p in prompt], pad_id, device)
+    ids = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    return (ids.unsqueeze(0) if ids.dim() == 1 else ids), None
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
-    prompt: torch.Tensor | Sequence[int],
+    prompt: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
@@ -111,17 +94,24 @@ def generate(
     generator: torch.Generator | None = None,
     session: DecodingSession | None = None,
     prefill_chunk: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     **session_kwargs: Any,
 ) -> list[list[int]]:
     """Continue each prompt row; returns the new tokens per row, stopping at (and excluding) a stop token.
 
-    ``prompt`` is a (B, N) tensor of equal-length prompts or one list of ids. ``session_kwargs`` go to the session
-    (e.g. FoT's ``last_context_length``).
+    ``prompt`` is a (B, N) tensor (with ``attention_mask`` (B, N) when rows are left-padded), one list of ids, or
+    several lists of ids of any lengths, which are left-padded (pad id: the model's ``pad_token_id``, else 0) and
+    batched; each row's continuation equals that of the row generated alone (greedy). ``session_kwargs`` go to the
+    session (e.g. FoT's ``last_context_length``).
     """
     device = model.lm_head.weight.device
-    ids = torch.as_tensor(prompt, dtype=torch.long, device=device)
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, mask = prompt_batch(prompt, pad_id, device)
+    if attention_mask is not None:
+        if mask is not None:
+            raise ValueError("prompts of different lengths are padded here: give either lists of ids or a padded "
+                             "tensor with its attention_mask, not both")
+        mask = attention_mask
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     b = ids.shape[0]
@@ -132,7 +122,7 @@ def generate(
         out: list[list[int]] = [[] for _ in range(b)]
         if max_new_tokens == 0:
             return out
-        logits = session.prefill(ids)
+        logits = session.prefill(ids, attention_mask=mask) if mask is not None else session.prefill(ids)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         for i in range(max_new_tokens):

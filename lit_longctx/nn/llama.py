@@ -22,6 +22,7 @@ from lit_longctx.nn.attention import AttentionContext, build_attention, check_fo
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.loss import linear_cross_entropy
 from lit_longctx.nn.rope import RotaryEmbedding
+from lit_longctx.nn.session import check_attention_mask
 
 
 class RMSNorm(nn.Module):
@@ -82,11 +83,16 @@ class Decoder(nn.Module):
 
 @dataclass
 class InferenceState:
-    """Per-layer inference caches (whatever each attention kind creates) and the next position id."""
+    """Per-layer inference caches (whatever each attention kind creates) and the next position id.
+
+    ``position`` counts every id fed (pads included: the caches' length); ``lengths`` (B,) the tokens fed per row,
+    set once a padded chunk was fed, after which default positions continue per row.
+    """
 
     caches: list[Any]
     position: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -97,6 +103,20 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def padded_positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Positions (B, T) of a padded chunk: each row's tokens count on from ``start`` (int or (B,)) in order; pads before
+    a row's first token continue its run backwards (start - 1, start - 2, ...), later pads repeat the last position.
+
+    With left padding every row thus reads ``start + arange`` shifted to its first token, as the row would alone.
+    """
+    start = torch.as_tensor(start, device=mask.device).reshape(-1, 1)
+    count = mask.long().cumsum(1)
+    lead = count == 0
+    first = torch.where(mask.any(1), mask.int().argmax(1), mask.shape[1]).unsqueeze(1)
+    back = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) - first
+    return torch.where(lead, start + back, start + count - 1)
 
 
 def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -113,7 +133,8 @@ def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
 
 
 #: the keyword parameters of :meth:`Transformer.forward` itself (named in the error for an unknown keyword)
-FORWARD_PARAMETERS = ("input_ids", "position_ids", "labels", "state", "doc_ids", "return_logits", "return_hidden")
+FORWARD_PARAMETERS = ("input_ids", "position_ids", "labels", "state", "doc_ids", "attention_mask", "return_logits",
+                      "return_hidden")
 
 
 class Transformer(nn.Module):
@@ -204,9 +225,10 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         doc_ids: torch.Tensor | None,
         extras: dict[str, Any],
+        attention_mask: torch.Tensor | None = None,
     ) -> AttentionContext:
         cos, sin = self.rope(position_ids)
-        ctx = AttentionContext(position_ids, cos, sin, self.rope, doc_ids, dict(extras))
+        ctx = AttentionContext(position_ids, cos, sin, self.rope, doc_ids, dict(extras), attention_mask)
         for kind in self.kinds:
             get_attention(kind).prepare_context(ctx, input_ids, self.config)
         return ctx
@@ -219,6 +241,7 @@ class Transformer(nn.Module):
         *,
         state: InferenceState | None = None,
         doc_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         return_logits: bool | str | None = None,
         return_hidden: bool = False,
         **extras: Any,
@@ -232,6 +255,10 @@ class Transformer(nn.Module):
             labels: (B, T) aligned targets (-100 = ignored) -> ``output.loss`` (mean over counted targets).
             state: inference caches from :meth:`new_state`; updated in place.
             doc_ids: explicit document index per token (overrides the one derived from positions).
+            attention_mask: (B, T) 1 = token, 0 = pad (HF convention; left padding for generation) for the tokens of
+                this call; with a ``state`` the caches remember earlier calls' masks. Pads are never attended to
+                and default positions count each row's tokens only (0 at a row's first token); the logits at pads
+                are meaningless.
             return_logits: True / "all", "last" (only the last position), False; default: logits iff no labels.
             return_hidden: also return the final normalised hidden states.
             **extras: per-batch options of the model's attention kinds (their ``forward_extras``; placed into
@@ -240,12 +267,20 @@ class Transformer(nn.Module):
         self.check_input_ids(input_ids)
         check_forward_extras(self.kinds, extras, FORWARD_PARAMETERS)
         b, t = input_ids.shape
+        mask = check_attention_mask(attention_mask, input_ids)
+        if mask is not None and bool(mask.all()):
+            mask = None  # no pad in this call: the unpadded kernels (caches keep the masks of earlier calls)
+        lengths = state.lengths if state is not None else None
         if position_ids is None:
             start = state.position if state is not None else 0
-            position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+            if mask is not None or lengths is not None:
+                position_ids = padded_positions(mask if mask is not None else input_ids.new_ones(b, t, dtype=bool),
+                                                lengths if lengths is not None else start)
+            else:
+                position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         elif doc_ids is None and state is None:
             doc_ids = doc_ids_from_positions(position_ids)
-        ctx = self.context(input_ids, position_ids, doc_ids, extras)
+        ctx = self.context(input_ids, position_ids, doc_ids, extras, mask)
 
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -256,6 +291,9 @@ class Transformer(nn.Module):
                 h = layer(h, ctx, cache)
         h = self.model.norm(h)
         if state is not None:
+            if mask is not None or lengths is not None:
+                base = lengths if lengths is not None else torch.full((b,), state.position, device=input_ids.device)
+                state.lengths = base + (mask.sum(1) if mask is not None else t)
             state.position += t
 
         out = ModelOutput(hidden=h if return_hidden else None, extras=ctx.extras)

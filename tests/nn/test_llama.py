@@ -264,9 +264,13 @@ def test_return_logits_last_and_false():
 
 
 def test_extras_reach_the_attention_context():
+    """Declared per-batch options land in the context (and the output's extras); undeclared ones are errors."""
     _, ours = pair(hf_config())
-    out = ours(ids(1, 8), my_option=3)
-    assert out.extras == {"my_option": 3}
+    with pytest.raises(ValueError, match=r"unknown keyword argument\(s\) \['my_option'\]"):
+        ours(ids(1, 8), my_option=3)
+    fot = Transformer(ours.config.replace(layer_attention={0: "fot"}))
+    out = fot(ids(1, 8), cross_batch_range=0)
+    assert out.extras["cross_batch_range"] == 0 and "fot_layout" in out.extras
 
 
 @pytest.mark.parametrize("bad", [VOCAB, VOCAB + 17, -1])

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lit_longctx.nn.attention.kv_cache import KVCache
 from lit_longctx.nn.config import ConfigError, ModelConfig
 from lit_longctx.nn.rope import RotaryEmbedding, apply_rotary
 
@@ -29,6 +30,9 @@ class AttentionContext:
         doc_ids: (B, T) document index per token, or None when every row is a single document.
         extras: per-method batch layout (e.g. landmark flags, cross-batch ranges), filled by
             ``Attention.prepare_context`` or passed to ``Transformer.forward`` as keyword arguments.
+        attention_mask: (B, T) bool, True = token, False = pad (``Transformer.forward(attention_mask=...)``), or None
+            when every token of this call is a real one. Every kind must keep pads out of what real tokens attend to
+            (and out of its inference state); caches remember the masks of earlier calls.
     """
 
     position_ids: torch.Tensor
@@ -37,6 +41,7 @@ class AttentionContext:
     rope: RotaryEmbedding
     doc_ids: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    attention_mask: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -88,8 +93,6 @@ class Attention(nn.Module):
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:
         """Inference state of this layer (e.g. a KV cache); created by ``Transformer.new_state``."""
-        from lit_longctx.nn.attention.causal import KVCache
-
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, device, dtype)
 
     @classmethod

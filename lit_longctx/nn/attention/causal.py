@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
+from lit_longctx.nn.attention.kv_cache import KVCache
 
 
 @functools.cache
@@ -57,6 +58,21 @@ def causal_doc_mask(
         same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
         mask = (same & mask).unsqueeze(1)
     return mask
+
+
+def padding_mask(mask: torch.Tensor, key_mask: torch.Tensor | None, query_mask: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` ((Tq, S) or (B, 1, Tq, S), True = attend) restricted to token keys: (B, 1, Tq, S), or ``mask`` itself
+    when ``key_mask`` is None.
+
+    ``key_mask`` (B, S) marks token keys (False = pad); ``query_mask`` (B, Tq) the token queries. A pad query keeps
+    every key its causal mask allows, so that no row of the softmax is empty (its output is never read).
+    """
+    if key_mask is None:
+        return mask
+    keys = key_mask[:, None, None, :]
+    if query_mask is not None:
+        keys = keys | ~query_mask[:, None, :, None]
+    return mask & keys
 
 
 def eager_attention(
@@ -101,13 +117,23 @@ def attend(
     backend: str = "sdpa",
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q (B, H, Tq, D) over k, v (B, Hkv, S, D), S ≥ Tq, the queries being the last Tq positions.
 
     ``doc_ids`` (B, T) restricts each query to keys of its own document (packed sequences; needs Tq == S).
+    ``key_mask`` (B, S) bool hides pad keys (False) from every query; ``query_mask`` (B, Tq) marks the token queries
+    (see :func:`padding_mask`). Padded batches take the sdpa/eager path (FlashAttention has no key mask here).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_len, k_len = q.shape[2], k.shape[2]
+    if key_mask is not None:
+        mask = padding_mask(causal_doc_mask(q_len, k_len, q.device, doc_ids), key_mask, query_mask)
+        if backend == "eager":
+            return eager_attention(q, k, v, mask, scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     if backend == "flash_attn" and _flash_usable(q):
         if doc_ids is not None:
             return _flash_varlen(q, k, v, doc_ids, scale)
@@ -126,42 +152,6 @@ def attend(
     )
 
 
-class KVCache:
-    """Keys (after RoPE) and values of one layer, (B, Hkv, S, D), in a buffer that doubles when full."""
-
-    def __init__(
-        self, batch_size: int, n_kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        self.shape = (batch_size, n_kv_heads, 0, head_dim)
-        self.device, self.dtype = device, dtype
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add (B, Hkv, T, D) keys/values; return views of everything cached so far."""
-        new_len = self.length + k.shape[2]
-        if self.k is None or new_len > self.k.shape[2]:
-            capacity = max(new_len, 2 * (self.k.shape[2] if self.k is not None else 0), 64)
-            b, h, _, d = self.shape
-            kb = torch.empty(b, h, capacity, d, device=self.device, dtype=self.dtype)
-            vb = torch.empty_like(kb)
-            if self.k is not None:
-                kb[:, :, : self.length] = self.k[:, :, : self.length]
-                vb[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = kb, vb
-        self.k[:, :, self.length : new_len] = k
-        self.v[:, :, self.length : new_len] = v
-        self.length = new_len
-        return self.k[:, :, :new_len], self.v[:, :, :new_len]
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in ``index`` (beam search / finished rows)."""
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
-        self.shape = (len(index),) + self.shape[1:]
-
-
 @register_attention("causal")
 class CausalAttention(Attention):
     """Plain causal self-attention with RoPE (LLaMA)."""
@@ -171,9 +161,12 @@ class CausalAttention(Attention):
         q = self.rotate(q, ctx.cos, ctx.sin).transpose(1, 2)
         k = self.rotate(k, ctx.cos, ctx.sin).transpose(1, 2)
         v = v.transpose(1, 2)
+        key_mask = ctx.attention_mask
         if cache is not None:
             if ctx.doc_ids is not None:
                 raise ValueError("packed documents (doc_ids) cannot be combined with a KV cache")
-            k, v = cache.append(k, v)
-        y = attend(q, k, v, backend=self.config.attn_backend, scale=self.scale, doc_ids=ctx.doc_ids)
+            k, v = cache.append(k, v, ctx.attention_mask)
+            key_mask = cache.key_mask
+        y = attend(q, k, v, backend=self.config.attn_backend, scale=self.scale, doc_ids=ctx.doc_ids,
+                   key_mask=key_mask, query_mask=ctx.attention_mask)
         return self.output(y)

@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
 from lit_longctx.nn.attention.causal import attend, causal_doc_mask, repeat_kv
 from lit_longctx.nn.config import ConfigError, ModelConfig, parse_dtype
-from lit_longctx.nn.generate import DecodingSession
+from lit_longctx.nn.session import DecodingSession
 
 if TYPE_CHECKING:
     from lit_longctx.nn.llama import Transformer

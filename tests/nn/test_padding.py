@@ -1,0 +1,88 @@
+"""Padded batches (attention_mask, HF convention 1 = token, 0 = pad, left padding) give every row what it gives alone.
+
+Oracle: each prompt run alone (batch of one, no mask) through the same session: per row, the logits of every real
+token and the greedy continuation must agree — for the plain KV cache, FoT's memory schedule, landmark retrieval and
+LoLCATs' hybrid state. Pads are filled with an id that is not the pad of any row alone, so attending to them would show.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_longctx.nn import ModelConfig, Transformer, generate, session_for
+from lit_longctx.nn.session import left_pad
+
+BASE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+LENGTHS = (23, 9, 40, 1)
+ATOL = 2e-5
+
+
+def model_of(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**BASE, **overrides}))
+    with torch.no_grad():  # larger weights than the init: differences from attending to a pad are not tiny
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model.eval()
+
+
+def prompts(vocab: int = 60, lengths=LENGTHS, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def alone_and_batched(model, rows, **session_kwargs):
+    """Per-row logits of every real token: (alone, batched) lists of (n, V) tensors."""
+    alone = []
+    with torch.no_grad():
+        for row in rows:
+            s = session_for(model, 1, **session_kwargs)
+            alone.append(s.forward_logits(torch.tensor([row]))[0])
+        ids, mask = left_pad(rows, pad_id=0)
+        ids = ids.masked_fill(~mask, 61)  # a token id the rows never use
+        s = session_for(model, len(rows), **session_kwargs)
+        out = s.forward_logits(ids, attention_mask=mask.long())
+    batched = [out[i][mask[i]] for i in range(len(rows))]
+    return alone, batched
+
+
+def check_rows(model, rows, steps=6, **session_kwargs):
+    alone, batched = alone_and_batched(model, rows, **session_kwargs)
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(b, a, rtol=0, atol=ATOL)
+    want = [generate(model, row, steps, **session_kwargs)[0] for row in rows]
+    assert generate(model, rows, steps, **session_kwargs) == want
+    return alone
+
+
+def test_causal_padded_batch_equals_rows_alone():
+    model = model_of()
+    check_rows(model, prompts())
+    ids, mask = left_pad(prompts(), pad_id=0)
+    full = model(ids.masked_fill(~mask, 61), attention_mask=mask).logits  # no cache, one forward
+    for i, row in enumerate(prompts()):
+        torch.testing.assert_close(full[i][mask[i]], model(torch.tensor([row])).logits[0], rtol=0, atol=ATOL)
+
+
+def test_padding_matters():
+    """Without the mask the pads change the rows' logits (the oracle can fail)."""
+    model = model_of()
+    rows = prompts()
+    ids, mask = left_pad(rows, pad_id=0)
+    plain = model(ids.masked_fill(~mask, 61)).logits
+    alone = model(torch.tensor([rows[1]])).logits[0]
+    assert (plain[1][mask[1]] - alone).abs().max() > 1e-2
+
+
+def test_attention_mask_of_the_wrong_shape_or_values():
+    model = model_of()
+    ids = torch.randint(0, 60, (2, 5))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\) but the input_ids.*shape \(2, 5\)"):
+        model(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="1 \\(token\\) and 0 \\(pad\\) only"):
+        model(ids, attention_mask=torch.full((2, 5), 2))
+    session = session_for(model, 2)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 5\)"):
+        session.prefill(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
