@@ -37,5 +37,6 @@ def test_an_option_of_a_kind_the_model_does_not_use_is_an_error(capsys):
         run_with_one_line_errors(lambda: model(ids, retrun_logits=True))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown keyword argument(s) ['retrun_logits']") and "did you mean return_logits" in err
+    assert err.startswith("error: unknown keyword argument(s) ['retrun_logits']")
+    assert "did you mean return_logits" in err
     assert len(err.splitlines()) == 1

@@ -51,8 +51,8 @@ from torch.utils.checkpoint import checkpoint
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
 from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
 from lit_longctx.nn.config import ConfigError, ModelConfig
-from lit_longctx.nn.session import DecodingSession
 from lit_longctx.nn.rope import apply_rotary
+from lit_longctx.nn.session import DecodingSession
 
 KIND = "landmark"
 LAYOUT_KEY = "landmark"
