@@ -22,7 +22,7 @@ from lit_longctx.nn.attention import AttentionContext, build_attention, check_fo
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.loss import linear_cross_entropy
 from lit_longctx.nn.rope import RotaryEmbedding
-from lit_longctx.nn.session import check_attention_mask
+from lit_longctx.nn.session import check_attention_mask, padded_positions
 
 
 class RMSNorm(nn.Module):
@@ -103,20 +103,6 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def padded_positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
-    """Positions (B, T) of a padded chunk: each row's tokens count on from ``start`` (int or (B,)) in order; pads before
-    a row's first token continue its run backwards (start - 1, start - 2, ...), later pads repeat the last position.
-
-    With left padding every row thus reads ``start + arange`` shifted to its first token, as the row would alone.
-    """
-    start = torch.as_tensor(start, device=mask.device).reshape(-1, 1)
-    count = mask.long().cumsum(1)
-    lead = count == 0
-    first = torch.where(mask.any(1), mask.int().argmax(1), mask.shape[1]).unsqueeze(1)
-    back = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) - first
-    return torch.where(lead, start + back, start + count - 1)
 
 
 def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -42,6 +42,20 @@ def check_attention_mask(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.
     return mask
 
 
+def padded_positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Positions (B, T) of a padded chunk: each row's tokens count on from ``start`` (int or (B,)) in order; pads before
+    a row's first token continue its run backwards (start - 1, start - 2, ...), later pads repeat the last position.
+
+    With left padding every row thus reads ``start + arange`` shifted to its first token, as the row would alone.
+    """
+    start = torch.as_tensor(start, device=mask.device).reshape(-1, 1)
+    count = mask.long().cumsum(1)
+    lead = count == 0
+    first = torch.where(mask.any(1), mask.int().argmax(1), mask.shape[1]).unsqueeze(1)
+    back = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) - first
+    return torch.where(lead, start + back, start + count - 1)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> left-padded ids (B, N) and their attention_mask (B, N) (1 = token)."""

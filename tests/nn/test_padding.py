@@ -86,3 +86,29 @@ def test_attention_mask_of_the_wrong_shape_or_values():
     session = session_for(model, 2)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 5\)"):
         session.prefill(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
+
+
+FOT = dict(layer_attention={1: "fot"}, max_seq_len=16,
+           attention_options={"fot": {"last_context_length": 8, "mem_dtype": "float32"}})
+
+
+@pytest.mark.parametrize("grouping", [None, [2, 3]])
+def test_fot_memory_session_padded_batch_equals_rows_alone(grouping):
+    """Rows longer than the window (memory used), shorter than Lc, and generation past the window (evictions at
+    different steps per row)."""
+    opts = {**FOT["attention_options"]["fot"], "mem_attention_grouping": grouping}
+    model = model_of(**{**FOT, "attention_options": {"fot": opts}})
+    check_rows(model, prompts(lengths=(37, 5, 20, 1)), steps=12)
+
+
+def test_fot_memory_holds_pads_masked_with_the_float32_minimum():
+    model = model_of(**FOT)
+    rows = prompts(lengths=(30, 3))
+    ids, mask = left_pad(rows, pad_id=0)
+    session = session_for(model, 2)
+    with torch.no_grad():
+        session.prefill(ids, attention_mask=mask)
+    _, _, masks = session.state.caches[1].memory()
+    minimum = torch.finfo(torch.float32).min
+    assert masks[1].eq(minimum).all()  # row 1 (3 tokens) has nothing in memory: every slot of its memory is a pad
+    assert int(masks[0].eq(0).sum()) == 30 - 8 and bool(masks[0].eq(minimum).any()) is False

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
-from lit_longctx.nn.attention.causal import attend, causal_doc_mask, repeat_kv
+from lit_longctx.nn.attention.causal import attend, causal_doc_mask, padding_mask, repeat_kv
 from lit_longctx.nn.config import ConfigError, ModelConfig, parse_dtype
-from lit_longctx.nn.session import DecodingSession
+from lit_longctx.nn.session import DecodingSession, check_attention_mask, padded_positions
 
 if TYPE_CHECKING:
     from lit_longctx.nn.llama import Transformer
@@ -531,6 +531,11 @@ class _SeqBuffer:
     def clear(self) -> None:
         self.length = 0
 
+    def drop_front(self, n: int) -> None:
+        """Forget the first ``n`` entries (keeps the rest in place of them)."""
+        self.data = [buf[:, :, n:] for buf in self.data]
+        self.length -= n
+
     def select(self, index: torch.Tensor) -> None:
         self.data = [buf.index_select(0, index) for buf in self.data]
 
@@ -539,9 +544,10 @@ class FoTCache:
     """Inference state of one FoT memory layer (spec §3): the local window and the memory.
 
     Local: keys rotated at window-relative positions, the same keys rotated at position 0 (what eviction moves to
-    memory; kept only with ``mem_positionals``) and values, in the compute dtype. Memory: keys at position 0 and values
-    in ``mem_dtype`` plus additive masks (B, 1, M) in float32 (0 = attend, float32 min = masked), cast to the compute
-    dtype when attended to.
+    memory; kept only with ``mem_positionals``), values, in the compute dtype, and a (B, 1, L) token mask (False =
+    pad, or a row's window already evicted). Memory: keys at position 0 and values in ``mem_dtype`` plus additive masks
+    (B, 1, M) in float32 (0 = attend, float32 min = masked, as LongLLaMA stores pad slots), cast to the compute dtype
+    when attended to.
     """
 
     def __init__(
@@ -570,13 +576,24 @@ class FoTCache:
         return self._memory.length
 
     def append_local(
-        self, k: torch.Tensor, k_first: torch.Tensor | None, v: torch.Tensor
+        self, k: torch.Tensor, k_first: torch.Tensor | None, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add (B, Hkv, n, D) keys (local positions), keys at position 0 and values; return the whole window's k, v."""
-        parts = (k, k_first, v) if self.positionals else (k, v)
+        """Add (B, Hkv, n, D) keys (local positions), keys at position 0, values and their (B, n) token mask (None =
+        all tokens); return the whole window's k, v (their mask is :attr:`local_mask`)."""
+        b, _, n, _ = k.shape
+        mask = torch.ones(b, 1, n, dtype=torch.bool, device=k.device) if mask is None else mask.view(b, 1, n)
+        parts = (k, k_first, v, mask) if self.positionals else (k, v, mask)
         self._local.append(*parts)
         views = self._local.views()
-        return views[0], views[-1]
+        return views[0], views[-2]
+
+    @property
+    def local_mask(self) -> torch.Tensor | None:
+        """(B, L) token mask of the local window, or None when every entry is a token."""
+        if self._local.length == 0:
+            return None
+        mask = self._local.views()[-1][:, 0]
+        return None if bool(mask.all()) else mask
 
     def memory(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(keys (B, Hkv, M, D), values, masks (B, 1, M)) in storage dtypes, or None while the memory is empty."""
@@ -592,13 +609,27 @@ class FoTCache:
             mask = torch.zeros(b, n, device=k_first.device)
         self._memory.append(k_first.to(self.mem_dtype), v.to(self.mem_dtype), mask.float().reshape(b, 1, n))
 
-    def evict(self) -> None:
-        """Move the whole local window into memory (LongLLaMA's saw-tooth window) and empty it."""
+    def evict(self, rows: torch.Tensor | None = None) -> None:
+        """Move the local window into memory (LongLLaMA's saw-tooth window): of every row, or only of the rows where
+        ``rows`` (B,) bool is True (padded batches, whose rows reach the window limit at different steps).
+
+        Pad slots (and the other rows' slots on a per-row eviction) enter memory masked with the float32 minimum; the
+        evicted rows' local entries are then masked, and leading columns no row still sees are dropped.
+        """
         if self._local.length == 0:
             return
         views = self._local.views()
-        self.add_to_memory(views[1] if self.positionals else views[0], views[-1])
-        self._local.clear()
+        token = views[-1][:, 0]  # (B, L)
+        every = rows is None or bool(rows.all())
+        keep = token if every else token & rows.to(token.device).unsqueeze(1)
+        masks = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+        self.add_to_memory(views[1] if self.positionals else views[0], views[-2], masks)
+        if every:
+            self._local.clear()
+            return
+        token[rows.to(token.device)] = False
+        seen = token.any(0)
+        self._local.drop_front(int(seen.int().argmax()) if bool(seen.any()) else self._local.length)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in ``index`` (beam search / finished rows)."""
@@ -617,9 +648,13 @@ def memory_attention(
     grouping: tuple[int, int] | None = None,
     top_k: int | None = None,
     use_sdpa: bool = False,
+    local_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A memory layer at inference: q (B, H, n, D) over the local window k, v (B, Hkv, L, D) (causal, queries being the
     last n positions) and the memory (keys (B, Hkv, M, D), values, additive masks (B, 1, M)), one float32 softmax.
+    ``local_mask`` (B, L) bool hides pad keys of the window (``query_mask`` (B, n): pad queries keep their causal keys,
+    so no softmax row is empty).
 
     Masks are floored at -1e6 (``modeling_longllama.py`` floors masked logits there; a masked key gets weight 0 either
     way). ``grouping`` (h, q) computes blocks of h heads × q queries (``mem_attention_grouping``); ``top_k`` keeps the
@@ -633,7 +668,10 @@ def memory_attention(
     scale = d**-0.5 if scale is None else scale
     dt = _compute_dtype(q.dtype)
     heads, queries = grouping if grouping is not None else (h, n)
-    local_bias = torch.where(causal_doc_mask(n, length, q.device), 0.0, MASK_VALUE).to(dt)  # (n, L)
+    visible = causal_doc_mask(n, length, q.device)
+    if local_mask is not None:
+        visible = padding_mask(visible, local_mask, query_mask)  # (B, 1, n, L)
+    local_bias = torch.where(visible, 0.0, MASK_VALUE).to(dt)  # (n, L) or (B, 1, n, L)
     mem_bias = None
     if memory is not None and bool((memory[2] != 0).any()):
         mem_bias = memory[2].to(dt).clamp_min(MASK_VALUE).unsqueeze(1)  # (B, 1, 1, M)
@@ -649,7 +687,7 @@ def memory_attention(
         for i0 in range(0, n, queries):
             i1 = min(i0 + queries, n)
             qb = q[:, h0:h1, i0:i1].to(dt)  # (B, h, qc, D)
-            local = local_bias[i0:i1]  # (qc, L)
+            local = local_bias[..., i0:i1, :]  # (qc, L) or (B, 1, qc, L)
             if memory is None:
                 if use_sdpa:
                     y = F.scaled_dot_product_attention(qb, kl, vl, attn_mask=local, scale=scale)
@@ -670,7 +708,7 @@ def memory_attention(
                 bias_mem = mem_bias.expand(shape) if mem_bias is not None else qb.new_zeros(shape)
                 if kept is not None:
                     bias_mem = bias_mem.masked_fill(~kept, MASK_VALUE)
-                bias = torch.cat([local.expand(b, h1 - h0, -1, -1), bias_mem], dim=-1)
+                bias = torch.cat([local.expand(b, h1 - h0, i1 - i0, -1), bias_mem], dim=-1)
                 y = F.scaled_dot_product_attention(qb, keys, values, attn_mask=bias, scale=scale)
             else:  # one softmax over [local; memory] without concatenating them
                 s_local = torch.matmul(qb, kl.transpose(-1, -2)).mul_(scale).add_(local)  # (B, h, qc, L)
@@ -824,8 +862,14 @@ class FoTAttention(Attention):
             return self._forward_cached(x, ctx, cache, layout)
         q, k, k_first, v = self.attention_inputs(x, ctx)
         if layout is None:
-            y = attend(q, k, v, backend=self.config.attn_backend, scale=self.scale, doc_ids=ctx.doc_ids)
+            y = attend(q, k, v, backend=self.config.attn_backend, scale=self.scale, doc_ids=ctx.doc_ids,
+                       key_mask=ctx.attention_mask, query_mask=ctx.attention_mask)
             return self.output(y)
+        if ctx.attention_mask is not None:
+            raise ValueError(
+                "cross-batch training windows are never padded (every row is a full window of a stream); pass no "
+                "attention_mask with cross_batch_range > 0"
+            )
         if ctx.doc_ids is not None:
             raise ValueError(
                 "cross-batch attention does not mask packed documents: FoT rows hold documents joined by <eos><bos> "
@@ -854,9 +898,10 @@ class FoTAttention(Attention):
         if ctx.doc_ids is not None:
             raise ValueError("packed documents (doc_ids) cannot be combined with a FoT memory cache")
         q, k, k_first, v = self.attention_inputs(x, ctx)
-        k_all, v_all = cache.append_local(k, k_first, v)
+        k_all, v_all = cache.append_local(k, k_first, v, ctx.attention_mask)
         y = memory_attention(q, k_all, v_all, cache.memory(), scale=self.scale, grouping=self.mem_attention_grouping,
-                             top_k=self.top_k, use_sdpa=self.torch_attention)
+                             top_k=self.top_k, use_sdpa=self.torch_attention, local_mask=cache.local_mask,
+                             query_mask=ctx.attention_mask)
         return self.output(y)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FoTCache:
@@ -908,63 +953,117 @@ class FoTSession(DecodingSession):
                 "an input form the local window, which holds at most W = max_seq_len tokens; lower it or pass a "
                 "larger context_window"
             )
-        self.local_length = 0
+        self.local_lengths = torch.zeros(batch_size, dtype=torch.long)  # tokens in each row's local window
         self._first_call = True
 
     @property
+    def local_length(self) -> int:
+        """Tokens in the local window (of the fullest row, when padded rows differ)."""
+        return int(self.local_lengths.max())
+
+    @property
     def memory_lengths(self) -> list[int]:
-        """Tokens in memory per layer (0 for layers without memory)."""
+        """Entries in memory per layer (0 for layers without memory; pad slots of padded batches included)."""
         return [c.memory_length if isinstance(c, FoTCache) else 0 for c in self.state.caches]
 
-    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed (B, N) ids with LongLLaMA's schedule; return float32 logits (B, N, V) for every fed token."""
-        return self._ingest(ids, all_logits=True)
+    def forward_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed (B, N) ids with LongLLaMA's schedule; return float32 logits (B, N, V) for every fed token (0 at
+        pads)."""
+        return self._ingest(ids, attention_mask, all_logits=True)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed (B, N) ids with LongLLaMA's schedule; return the last position's float32 logits (B, V)."""
-        return self._ingest(ids, all_logits=False)[:, -1]
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed (B, N) ids with LongLLaMA's schedule; return the float32 logits (B, V) after each row's last token."""
+        return self._ingest(ids, attention_mask, all_logits=False)[:, -1]
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.forward(ids)
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward(ids, attention_mask)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         return self.forward(ids)
 
-    def _ingest(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        n = ids.shape[1]
-        if n == 0:
-            raise ValueError("no tokens to feed: give at least one token (e.g. the tokenizer's BOS)")
-        prefix = max(n - self.last_context_length, 0)
-        outputs = []
-        for start in range(0, prefix, self.window):
-            outputs.append(self._extend(ids[:, start : min(start + self.window, prefix)], all_logits))
-            if self._first_call:  # no local cache yet: the chunk goes straight to memory after attending
-                self.evict()
-        outputs.append(self._extend(ids[:, prefix:], True if all_logits else "last"))
-        self._first_call = False
-        return torch.cat(outputs, dim=1) if all_logits else outputs[-1]
+    def _plan(self, counts: list[int]) -> list[list[int]]:
+        """Per row, the sizes of the pieces its n tokens are fed in: the first n - Lc in chunks of W, then the rest."""
+        plans = []
+        for n in counts:
+            prefix = max(n - self.last_context_length, 0)
+            plans.append([min(self.window, prefix - s) for s in range(0, prefix, self.window)] + [n - prefix])
+        return plans
 
-    def _extend(self, ids: torch.Tensor, want_logits: bool | str) -> torch.Tensor | None:
-        """Add (B, n ≤ W) tokens to the local window, evicting the previous window first if it would exceed W."""
-        n = ids.shape[1]
-        if self.local_length + n > self.window:
-            self.evict()
-        positions = torch.arange(self.local_length, self.local_length + n, device=ids.device).expand(ids.shape[0], n)
+    def _ingest(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
+        """LongLLaMA's schedule for every row on its own tokens (spec §3), all rows in one batch.
+
+        Each row is cut into its own pieces (:meth:`_plan`); piece slots are aligned to the end (every row's last
+        piece in the last slot) and each slot is fed left-padded, so a row of a padded batch sees exactly the chunks,
+        positions and memory it would see alone. Without pads every row has the same plan (LongLLaMA's loop).
+        """
+        mask = check_attention_mask(attention_mask, ids)
+        b, n = ids.shape
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
+        counts = mask.sum(1).tolist()
+        if n == 0 or min(counts) == 0:
+            raise ValueError("no tokens to feed: every row needs at least one token (e.g. the tokenizer's BOS)")
+        plans = self._plan(counts)
+        slots = max(len(p) for p in plans)
+        index = [torch.nonzero(mask[row]).squeeze(1) for row in range(b)]  # where each row's tokens are
+        taken = [0] * b
+        out = None
+        last = None
+        for slot in range(slots):
+            pieces = [(p[slot - slots + len(p)] if slot >= slots - len(p) else 0) for p in plans]
+            width = max(pieces)
+            part = ids.new_zeros(b, width)
+            part_mask = torch.zeros(b, width, dtype=torch.bool, device=ids.device)
+            where = []
+            for row, size in enumerate(pieces):
+                cols = index[row][taken[row] : taken[row] + size]
+                part[row, width - size :] = ids[row, cols]
+                part_mask[row, width - size :] = True
+                where.append(cols)
+                taken[row] += size
+            final = slot == slots - 1
+            logits = self._extend(part, part_mask, torch.tensor(pieces), True if all_logits else final and "last")
+            if all_logits:
+                out = logits.new_zeros(b, n, logits.shape[-1]) if out is None else out
+                for row, cols in enumerate(where):
+                    out[row, cols] = logits[row, width - len(cols) :]
+            elif final:
+                last = logits
+            if self._first_call and not final:  # a prefix chunk of the first call goes straight to memory
+                self.evict(torch.tensor([0 <= slot - slots + len(p) < len(p) - 1 for p in plans]))
+        self._first_call = False
+        return out if all_logits else last
+
+    def _extend(self, ids: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor,
+                want_logits: bool | str) -> torch.Tensor | None:
+        """Add each row's ``counts`` tokens (left-padded ids (B, n), n ≤ W) to its local window, first evicting the
+        window of every row that would exceed W."""
+        self.evict((self.local_lengths + counts > self.window) & (counts > 0))
+        positions = padded_positions(mask, self.local_lengths.to(ids.device))
         extras = {"cross_batch_range": 0} if "fot" in self.model.kinds else {}  # memory, never cross-batch
-        out = self.model(ids, position_ids=positions, state=self.state, return_logits=want_logits, **extras)
-        self.local_length += n
+        out = self.model(ids, position_ids=positions, state=self.state, attention_mask=mask,
+                         return_logits=want_logits, **extras)
+        self.local_lengths += counts
         return out.logits.float() if want_logits else None
 
-    def evict(self) -> None:
-        """End the local window: memory layers move it into memory, every other layer drops its cache."""
+    def evict(self, rows: torch.Tensor | None = None) -> None:
+        """End the local window (of every row, or of the rows where ``rows`` (B,) bool is True): memory layers move it
+        into memory, every other layer drops (forgets) its cache."""
+        if rows is not None and not bool(rows.any()):
+            return
+        every = rows is None or bool(rows.all())
         weight = self.model.lm_head.weight
         for i, layer in enumerate(self.model.layers):
             cache = self.state.caches[i]
             if isinstance(cache, FoTCache):
-                cache.evict()
-            else:
+                cache.evict(None if every else rows)
+            elif every:
                 self.state.caches[i] = layer.self_attn.new_cache(self.batch_size, weight.device, weight.dtype)
-        self.local_length = 0
+            else:
+                cache.forget(rows)
+        if every:
+            self.local_lengths.zero_()
+        else:
+            self.local_lengths[rows] = 0
 
 
 FoTAttention.session_class = FoTSession
