@@ -462,7 +462,7 @@ def test_retrieved_blocks_sit_at_stingy_positions():
         y_exp = torch.zeros(b, layer.n_heads, 1, 8, dtype=torch.float64)
         for bi in range(b):
             for h in range(layer.n_heads):
-                picks = sorted(ls[bi, h].argsort(descending=True)[:kk].tolist())
+                picks = sorted(ls[bi, h].argsort(descending=True, stable=True)[:kk].tolist())  # ties: the older
                 keys, vals = [], []
                 for j, r in enumerate(picks):
                     slot = j + 1 if r >= n - kk else j

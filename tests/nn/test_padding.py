@@ -112,3 +112,17 @@ def test_fot_memory_holds_pads_masked_with_the_float32_minimum():
     minimum = torch.finfo(torch.float32).min
     assert masks[1].eq(minimum).all()  # row 1 (3 tokens) has nothing in memory: every slot of its memory is a pad
     assert int(masks[0].eq(0).sum()) == 30 - 8 and bool(masks[0].eq(minimum).any()) is False
+
+
+def landmark(**options) -> dict:
+    return dict(attention="landmark", attention_options={"landmark": {"landmark_id": 63, "mem_freq": 3, "top_k": 2,
+                                                                       **options}})
+
+
+@pytest.mark.parametrize(("chunk", "selection"), [(6, "per_token_and_head"), (5, "max_over_heads")])
+def test_landmark_session_padded_batch_equals_rows_alone(chunk, selection):
+    """Landmarks inserted on each row's own grid, pad blocks never retrieved (rows with fewer blocks than top_k, and
+    more), chunked prefill whose chunks are (6) or are not (5) multiples of mem_freq."""
+    model = model_of(**landmark(selection=selection))
+    rows = prompts(lengths=(23, 8, 17, 2, 11))
+    check_rows(model, rows, steps=7, prefill_chunk=chunk)

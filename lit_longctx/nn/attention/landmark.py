@@ -52,7 +52,7 @@ from lit_longctx.nn.attention.base import Attention, AttentionContext, register_
 from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
 from lit_longctx.nn.config import ConfigError, ModelConfig
 from lit_longctx.nn.rope import apply_rotary
-from lit_longctx.nn.session import DecodingSession
+from lit_longctx.nn.session import DecodingSession, check_attention_mask
 
 KIND = "landmark"
 LAYOUT_KEY = "landmark"
@@ -242,15 +242,23 @@ def grouped_softmax_weights(
 
 
 def reference_landmark_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_mem: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_mem: torch.Tensor,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Grouped-softmax attention of q (B, H, T, D) over k, v (B, Hkv, T, D), already rotated; holds (B, H, T, T)."""
+    """Grouped-softmax attention of q (B, H, T, D) over k, v (B, Hkv, T, D), already rotated; holds (B, H, T, T).
+
+    ``key_mask`` (B, T) bool hides pad keys (False) from every query."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cdt = torch.promote_types(q.dtype, torch.float32)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep).to(cdt), repeat_kv(v, n_rep).to(cdt)
     scores = torch.matmul(q.to(cdt), k.transpose(-1, -2)) * scale  # (B, H, T, T)
-    return torch.matmul(grouped_softmax_weights(scores, is_mem), v).to(q.dtype)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return torch.matmul(grouped_softmax_weights(scores, is_mem, mask), v).to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ blockwise path
@@ -453,6 +461,9 @@ class LandmarkCache:
         self.mem_keys: torch.Tensor | None = None
         self.tail_k = torch.empty(batch_size, n_kv_heads, 0, head_dim, device=self.device, dtype=dtype)
         self.tail_v = torch.empty_like(self.tail_k)
+        self.tail_mask = torch.ones(batch_size, 0, dtype=torch.bool, device=self.device)  # token (True) or pad
+        self.tail_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # the positions fed at
+        self.block_mask: torch.Tensor | None = None  # (B, capacity) bool: False = a block of pads (never retrieved)
 
     @property
     def offload_to_cpu(self) -> bool:
@@ -482,18 +493,31 @@ class LandmarkCache:
         kb = torch.empty(b, hk, cap, bk, d, device=self.storage_device, dtype=self.dtype)
         vb = torch.empty_like(kb)
         mk = torch.empty(b, hk, cap, d, device=self.device, dtype=self.dtype)
+        bm = torch.ones(b, cap, dtype=torch.bool, device=self.device)
         if self.k_blocks is not None:
             kb[:, :, : self.n_blocks] = self.k_blocks[:, :, : self.n_blocks]
             vb[:, :, : self.n_blocks] = self.v_blocks[:, :, : self.n_blocks]
             mk[:, :, : self.n_blocks] = self.mem_keys[:, :, : self.n_blocks]
-        self.k_blocks, self.v_blocks, self.mem_keys = kb, vb, mk
+            bm[:, : self.n_blocks] = self.block_mask[:, : self.n_blocks]
+        self.k_blocks, self.v_blocks, self.mem_keys, self.block_mask = kb, vb, mk, bm
 
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Replace the incomplete block with ``k, v`` (B, Hkv, S, D) pre-RoPE = old incomplete block + new tokens;
-        their complete blocks move to the block store, the rest becomes the new incomplete block."""
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> None:
+        """Replace the incomplete block with ``k, v`` (B, Hkv, S, D) pre-RoPE = old incomplete block + new tokens
+        (``mask`` (B, S): False = pad); their complete blocks move to the block store, the rest becomes the new
+        incomplete block. A complete block is all tokens or all pads (padded batches pad whole blocks)."""
         full = k.shape[2] // self.block
+        b = k.shape[0]
+        mask = torch.ones(b, k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask
         if full:
-            b, hk, d = k.shape[0], k.shape[1], k.shape[3]
+            hk, d = k.shape[1], k.shape[3]
+            blocks = mask[:, : full * self.block].reshape(b, full, self.block)
+            if bool((blocks != blocks[:, :, -1:]).any()):
+                raise ValueError(
+                    "a landmark block mixes pads and tokens: pad whole blocks of mem_freq tokens (LandmarkSession "
+                    "pads prompts that way), so that a block is either retrieved whole or never"
+                )
             kb = k[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
             vb = v[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
             self._grow(self.n_blocks + full)
@@ -501,9 +525,19 @@ class LandmarkCache:
             self.k_blocks[:, :, sl] = kb.to(self.storage_device, self.dtype)
             self.v_blocks[:, :, sl] = vb.to(self.storage_device, self.dtype)
             self.mem_keys[:, :, sl] = kb[:, :, :, -1].to(self.dtype)
+            self.block_mask[:, sl] = blocks[:, :, -1].to(self.device)
             self.n_blocks += full
         self.tail_k = k[:, :, full * self.block :].to(self.dtype).clone()
         self.tail_v = v[:, :, full * self.block :].to(self.dtype).clone()
+        self.tail_mask = mask[:, full * self.block :].to(self.device).clone()
+        if positions is not None:
+            self.tail_pos = positions[:, full * self.block :].clone()
+
+    @property
+    def padded(self) -> bool:
+        """Whether any cached block or tail entry is a pad."""
+        blocks = self.block_mask is not None and not bool(self.block_mask[:, : self.n_blocks].all())
+        return blocks or not bool(self.tail_mask.all())
 
     def landmark_keys(self) -> torch.Tensor:
         """(B, Hkv, n, D) landmark keys of the cached blocks, before RoPE, on the compute device."""
@@ -526,7 +560,9 @@ class LandmarkCache:
             self.k_blocks = self.k_blocks.index_select(0, index.to(self.storage_device))
             self.v_blocks = self.v_blocks.index_select(0, index.to(self.storage_device))
             self.mem_keys = self.mem_keys.index_select(0, index)
+            self.block_mask = self.block_mask.index_select(0, index)
         self.tail_k, self.tail_v = self.tail_k.index_select(0, index), self.tail_v.index_select(0, index)
+        self.tail_mask, self.tail_pos = self.tail_mask.index_select(0, index), self.tail_pos.index_select(0, index)
         self.batch_size = len(index)
 
 
@@ -535,7 +571,7 @@ def select_blocks(mem_scores: torch.Tensor, top_k: int, selection: str) -> torch
 
     Returns (B, H, T, k') for ``per_token_and_head`` and ``max_over_heads`` (the latter equal over heads), (B, H, 1, k')
     for ``max_over_tokens``. The reduced variants take the max of the softmax probabilities (softmax first puts heads
-    and tokens on one scale, paper Table 2).
+    and tokens on one scale, paper Table 2). Equal scores go to the older block.
     """
     kk = min(top_k, mem_scores.shape[-1])
     if selection == "per_token_and_head":
@@ -546,7 +582,9 @@ def select_blocks(mem_scores: torch.Tensor, top_k: int, selection: str) -> torch
             rank = probs.amax(dim=1, keepdim=True).expand_as(probs)
         else:
             rank = probs.amax(dim=2, keepdim=True)
-    return rank.topk(kk, dim=-1).indices.sort(dim=-1).values
+    # equal scores (e.g. layer-0 landmark keys at the shared slot 0) go to the older block: a documented, device-
+    # independent rule (topk leaves ties unspecified) that pad blocks of padded batches cannot shift
+    return rank.sort(dim=-1, descending=True, stable=True).indices[..., :kk].sort(dim=-1).values
 
 
 def attend_with_cache(
@@ -558,6 +596,8 @@ def attend_with_cache(
     cache: LandmarkCache,
     rope: Any,
     scale: float,
+    mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One chunk of cached landmark inference (spec §3.1-3.3), then the chunk is written to ``cache``.
 
@@ -566,6 +606,11 @@ def attend_with_cache(
         is_mem: (T,) landmark flags of the chunk (equal for all rows).
         start: (B, 1) position P of the first token of the incomplete block (= first chunk position − its length).
         rope: the model's rotary table builder (``ctx.rope``).
+        mask: (B, T) token mask of the chunk (False = pad) or None. Pads (of the chunk, the incomplete block and
+            whole pad blocks) are hidden from the grouped softmax, and pad blocks are never retrieved: their landmark
+            scores sit at the dtype minimum, below every token block's.
+        positions: (B, T) positions of the chunk when padded; then the incomplete block's tokens keep the positions
+            they were fed at and P is each row's first token there, so pad blocks between a row's chunks shift nothing.
 
     The keys are ``[k' retrieved blocks | incomplete block | chunk]`` and the weights the grouped softmax over them.
     """
@@ -584,43 +629,77 @@ def attend_with_cache(
             f"the cache; chunk token {pos} breaks the grid (incomplete block holds {m} tokens). Feed ordinary tokens "
             "through LandmarkSession, which inserts the landmarks itself"
         )
-    local_pos = start + torch.arange(m + t, device=q.device)  # (B, m + T)
+    if positions is None:
+        local_pos = start + torch.arange(m + t, device=q.device)  # (B, m + T)
+        local_tokens = None
+    else:
+        local_pos = torch.cat([cache.tail_pos, positions], dim=1)
+        local_tokens = torch.cat([cache.tail_mask, mask], dim=1)  # (B, m + T)
+        first = torch.where(local_tokens.any(1), local_tokens.int().argmax(1), 0).unsqueeze(1)
+        start = local_pos.gather(1, first)  # P: the first token of the incomplete block
     # one seq_len for every table (dynamic-NTK RoPE depends on it), the one the queries were rotated with
     seq_len = int(local_pos.max()) + 1
     cos, sin = rope(local_pos, seq_len=seq_len)
     local_kr = apply_rotary(local_k, cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, m + T, D)
     scores = torch.matmul(q.to(cdt), repeat_kv(local_kr, n_rep).to(cdt).transpose(-1, -2)) * scale  # (B,H,T,m+T)
     flags = local_mem.unsqueeze(0).expand(b, -1)
+    padded = local_tokens is not None or cache.padded
+    if padded:
+        if local_tokens is None:
+            local_tokens = torch.cat([cache.tail_mask, torch.ones(b, t, dtype=torch.bool, device=q.device)], dim=1)
+        key_mask = local_tokens.view(b, 1, 1, m + t)
 
     prefix_v = None
     n = cache.n_blocks
     if n:
         kk = min(cache.top_k, n)
-        mem_pos = start + slot_start(scoring_slots(n, kk, q.device), kk, bk) + bk - 1  # (B, n)
+        if padded:  # stingy positions count each row's own blocks: pad blocks are skipped, wherever they sit
+            valid = cache.block_mask[:, :n]  # (B, n)
+            rank = valid.long().cumsum(1) - 1  # index of each block among the row's token blocks
+            n_row = valid.sum(1, keepdim=True)  # (B, 1)
+            kk_row = n_row.clamp(max=cache.top_k)  # k' of each row alone
+            recent = rank >= n_row - kk_row
+            mem_slot = torch.where(recent, rank - (n_row - kk_row) + 1, torch.zeros_like(rank))
+            mem_pos = start + slot_start(mem_slot, kk_row, bk) + bk - 1
+        else:
+            kk_row = torch.full((b, 1), kk, device=q.device)
+            mem_pos = start + slot_start(scoring_slots(n, kk, q.device), kk, bk) + bk - 1  # (B, n)
         cos, sin = rope(mem_pos, seq_len=seq_len)
         mem_k = apply_rotary(cache.landmark_keys(), cos.unsqueeze(1), sin.unsqueeze(1))
         mem_k = repeat_kv(mem_k, n_rep).to(cdt)  # (B, H, n, D)
-        selected = select_blocks(torch.matmul(q.to(cdt), mem_k.transpose(-1, -2)) * scale, kk, cache.selection)
+        mem_scores = torch.matmul(q.to(cdt), mem_k.transpose(-1, -2)) * scale  # (B, H, T, n)
+        if padded:
+            mem_scores = mem_scores.masked_fill(~valid.view(b, 1, 1, n), torch.finfo(cdt).min)
+        selected = select_blocks(mem_scores, kk, cache.selection)
         kb, vb = cache.gather(selected, n_rep)  # (B, H, Tr, k', Bk, D)
         tr = selected.shape[2]
         # only (k'+1)·Bk positions exist (k'+1 slots of Bk tokens): one RoPE table per row, indexed by slot
         slot = torch.arange(kk + 1, device=q.device)
-        slot_pos = start.view(b, 1, 1) + (slot_start(slot, kk, bk).view(1, -1, 1) + torch.arange(bk, device=q.device))
+        slot_pos = start.view(b, 1, 1) + (slot_start(slot.view(1, -1, 1), kk_row.view(b, 1, 1), bk)
+                                          + torch.arange(bk, device=q.device))
         cos, sin = rope(slot_pos, seq_len=seq_len)  # (B, k'+1, Bk, D)
         rows = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-        slots = selection_slots(selected, n)  # (B, H, Tr, k')
+        if padded:  # the row's own selection_slots: j counts its selected token blocks, recency its own blocks
+            picked = valid[rows, selected]  # (B, H, Tr, k')
+            j = picked.long().cumsum(-1) - picked.long()
+            slots = j + (rank[rows, selected] >= (n_row - kk_row).view(b, 1, 1, 1)).long()
+        else:
+            slots = selection_slots(selected, n)  # (B, H, Tr, k')
         kb = apply_rotary(kb, cos[rows, slots], sin[rows, slots]).reshape(b, h, tr, kk * bk, d).to(cdt)
         prefix_v = vb.reshape(b, h, tr, kk * bk, d).to(cdt)
         prefix_scores = torch.matmul(q.to(cdt).unsqueeze(3), kb.transpose(-1, -2)).squeeze(3) * scale  # (B,H,T,k'Bk)
         scores = torch.cat([prefix_scores, scores], dim=-1)
         prefix_mem = (torch.arange(kk * bk, device=q.device) % bk == bk - 1).unsqueeze(0).expand(b, -1)
         flags = torch.cat([prefix_mem, flags], dim=1)
+        if padded:  # a selected pad block (rows with fewer token blocks than k') is hidden whole
+            picked = picked.unsqueeze(-1).expand(*picked.shape, bk).reshape(b, h, tr, kk * bk)
+            key_mask = torch.cat([picked, key_mask.expand(b, h, tr, m + t)], dim=-1)
 
-    w = grouped_softmax_weights(scores, flags)  # (B, H, T, [k'Bk +] m + T)
+    w = grouped_softmax_weights(scores, flags, key_mask if padded else None)  # (B, H, T, [k'Bk +] m + T)
     y = torch.matmul(w[..., -(m + t) :], repeat_kv(local_v, n_rep).to(cdt))
     if prefix_v is not None:
         y = y + torch.matmul(w[..., : -(m + t)].unsqueeze(3), prefix_v).squeeze(3)
-    cache.store(local_k, local_v)
+    cache.store(local_k, local_v, local_tokens if padded else None, local_pos)
     return y.to(q.dtype)
 
 
@@ -658,11 +737,14 @@ class LandmarkAttention(Attention):
             if bool((mem != mem[:1]).any()):
                 raise ValueError("with a landmark cache every batch row must have its landmarks at the same places")
             start = ctx.position_ids[:, :1] - cache.tail_len
-            y = attend_with_cache(q, k.transpose(1, 2), v, mem[0], start, cache, ctx.rope, self.scale)
+            padded = ctx.attention_mask is not None or cache.padded
+            mask = ctx.attention_mask if ctx.attention_mask is not None else torch.ones_like(mem)
+            y = attend_with_cache(q, k.transpose(1, 2), v, mem[0], start, cache, ctx.rope, self.scale,
+                                  mask if padded else None, ctx.position_ids if padded else None)
             return self.output(y)
         k = self.rotate(k, ctx.cos, ctx.sin).transpose(1, 2)
-        if self.options.path == "reference":
-            return self.output(reference_landmark_attention(q, k, v, layout.is_mem, self.scale))
+        if self.options.path == "reference" or ctx.attention_mask is not None:  # the blockwise tiles have no pads
+            return self.output(reference_landmark_attention(q, k, v, layout.is_mem, self.scale, ctx.attention_mask))
         offsets = layout.grid_offsets
         if offsets is None:
             raise ValueError(
@@ -741,9 +823,13 @@ class LandmarkSession(DecodingSession):
                                          else include_landmark_in_loss)
         self.suppress_landmark = suppress_landmark
         self.filled = 0  # regular tokens in the open block
+        self._options = dict(top_k=top_k, selection=selection, offload_to_cpu=offload_to_cpu,
+                             include_landmark_in_loss=include_landmark_in_loss, suppress_landmark=suppress_landmark)
+        self._groups: list[tuple[torch.Tensor, LandmarkSession]] | None = None  # padded batches: rows per grid
 
-    def _run(self, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """Feed ordinary ids (B, n): insert landmarks, run the model; float32 logits (B, n | 1, V) per fed token."""
+    def _run(self, ids: torch.Tensor, last_only: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ordinary ids (B, n) (``mask``: False = pad): insert landmarks, run the model; float32 logits
+        (B, n | 1, V) per fed token."""
         if bool((ids == self.landmark_id).any()):
             raise ValueError(
                 f"feed ordinary tokens only: id {self.landmark_id} is the landmark, which the session inserts itself"
@@ -753,29 +839,127 @@ class LandmarkSession(DecodingSession):
         aug = insert_on_grid(ids, self.mem_freq, self.landmark_id, start)
         t = torch.arange(n, device=ids.device)
         index = t + (start + t) // self.mem_freq  # augmented index of each fed token
+        aug_mask = None
+        if mask is not None:  # a landmark is a pad when the block it closes is
+            aug_mask = torch.ones_like(aug, dtype=torch.bool)
+            aug_mask[:, index] = mask
+            closing = index[(start + t + 1) % self.mem_freq == 0] + 1
+            aug_mask[:, closing] = aug_mask[:, closing - 1]
         if self.include_landmark_in_loss:
             index = index + ((start + t + 1) % self.mem_freq == 0).long()
         if last_only:
             index = index[-1:]
-        hidden = self.model(aug, state=self.state, return_logits=False, return_hidden=True).hidden
+        hidden = self.model(aug, state=self.state, attention_mask=aug_mask, return_logits=False,
+                            return_hidden=True).hidden
         logits = self.model.lm_head(hidden[:, index]).float()
         self.filled = (start + n) % self.mem_freq
         if self.suppress_landmark:
             logits[..., self.landmark_id] = float("-inf")
         return logits
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    # --------------------------------------------------------------------------------------------- padded batches
+    def _padded_groups(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]]:
+        """Rows that can share one landmark grid, each as (rows, ids, mask) laid out so that every row is fed the
+        chunks, blocks and positions it would be fed alone.
+
+        A row of n tokens alone is fed k = ⌊(n-1)/C⌋ chunks of C tokens and a last piece of r = n - kC (C =
+        ``prefill_chunk``). When C is a multiple of ``mem_freq``, rows with the same n mod ``mem_freq`` share a
+        grid: their chunk slots are aligned to the end (rows with fewer chunks get whole chunks of pads first) and
+        the last pieces are left-padded, pads being whole blocks. Otherwise only rows of equal length share one.
+        """
+        c, mf = self.prefill_chunk, self.mem_freq
+        counts = mask.sum(1).tolist()
+        if min(counts) == 0:
+            raise ValueError("every row of a padded batch needs at least one token")
+        pad_id = 0 if self.landmark_id != 0 else 1
+        keys: dict[int, list[int]] = {}
+        for row, n in enumerate(counts):
+            keys.setdefault(n % mf if c % mf == 0 else n, []).append(row)
+        groups = []
+        for rows in keys.values():
+            full = [(counts[r] - 1) // c for r in rows]
+            last = [counts[r] - k * c for r, k in zip(rows, full)]
+            width = max(full) * c + max(last)
+            g_ids = ids.new_full((len(rows), width), pad_id)
+            g_mask = torch.zeros(len(rows), width, dtype=torch.bool, device=ids.device)
+            for i, (r, k, rest) in enumerate(zip(rows, full, last)):
+                tokens = ids[r, mask[r]]
+                lead = (max(full) - k) * c
+                g_ids[i, lead : lead + k * c], g_mask[i, lead : lead + k * c] = tokens[: k * c], True
+                g_ids[i, width - rest :], g_mask[i, width - rest :] = tokens[k * c :], True
+            groups.append((torch.tensor(rows, device=ids.device), g_ids, g_mask))
+        return groups
+
+    def _grouped(self, ids: torch.Tensor, mask: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
+        """Run a padded batch (first call: form the groups) or continue the groups; logits in the input's layout."""
+        b = ids.shape[0]
+        if self._groups is None:
+            if self.state.position:
+                raise ValueError("a padded batch must be the first input of a landmark session (its rows then keep "
+                                 "their own landmark grids); start a new session")
+            parts = self._padded_groups(ids, mask)
+            self._groups = [(rows, LandmarkSession(self.model, len(rows), self.prefill_chunk, **self._options))
+                            for rows, _, _ in parts]
+            inputs = [(g_ids, g_mask) for _, g_ids, g_mask in parts]
+        else:
+            if mask is not None and not bool(mask.all()):
+                raise ValueError("only the first input of a landmark session may be padded")
+            inputs = [(ids[rows], None) for rows, _ in self._groups]
+        out = None
+        for (rows, child), (g_ids, g_mask) in zip(self._groups, inputs):
+            logits = child._chunked(g_ids, g_mask, all_logits)
+            if out is None:
+                out = logits.new_zeros((b, ids.shape[1], logits.shape[-1]) if all_logits else (b, logits.shape[-1]))
+            if not all_logits:
+                out[rows] = logits
+                continue
+            for i, r in enumerate(rows.tolist()):
+                where = mask[r] if mask is not None else torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+                out[r, where] = logits[i, g_mask[i]] if g_mask is not None else logits[i]
+        return out
+
+    def _chunked(self, ids: torch.Tensor, mask: torch.Tensor | None, all_logits: bool) -> torch.Tensor:
+        """Feed (B, n) ids in prefill chunks: logits (B, n, V) of every token, or (B, V) after the last one."""
+        parts = []
+        for s in range(0, ids.shape[1], self.prefill_chunk):
+            m = None if mask is None else mask[:, s : s + self.prefill_chunk]
+            parts.append(self._run(ids[:, s : s + self.prefill_chunk], last_only=not all_logits, mask=m))
+        return torch.cat(parts, dim=1) if all_logits else parts[-1][:, -1]
+
+    def _needs_groups(self, mask: torch.Tensor | None) -> bool:
+        return self._groups is not None or (mask is not None and not bool(mask.all()))
+
+    # ------------------------------------------------------------------------------------------------ the API
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Ingest (B, N) prompts (left-padded when ``attention_mask`` marks pads); logits (B, V) after each row."""
+        mask = check_attention_mask(attention_mask, ids)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's BOS)")
+        if self._needs_groups(mask):
+            return self._grouped(ids, mask, all_logits=False)
+        return self._chunked(ids, None, all_logits=False)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._grouped(ids, None, all_logits=False) if self._groups is not None else self.forward(ids)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ordinary ids (B, n); return the next-token logits (B, V) after the last of them."""
+        mask = check_attention_mask(attention_mask, ids)
+        if self._needs_groups(mask):
+            return self._grouped(ids, mask, all_logits=False)
         return self._run(ids, last_only=True)[:, -1]
 
-    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ordinary ids (B, n) (in prefill chunks) and return (B, n, V) float32 logits, position t predicting
-        the ordinary token after ``ids[:, t]``. The caches advance as in prefill, so calls can continue a stream."""
+        the ordinary token after ``ids[:, t]`` (0 at pads). The caches advance as in prefill, so calls can continue a
+        stream."""
         if ids.shape[1] == 0:
             raise ValueError("forward_logits needs at least one token")
-        parts = [self._run(ids[:, s : s + self.prefill_chunk], last_only=False)
-                 for s in range(0, ids.shape[1], self.prefill_chunk)]
-        return torch.cat(parts, dim=1)
+        mask = check_attention_mask(attention_mask, ids)
+        if self._needs_groups(mask):
+            return self._grouped(ids, mask, all_logits=True)
+        return self._chunked(ids, None, all_logits=True)
 
 
 LandmarkAttention.session_class = LandmarkSession
