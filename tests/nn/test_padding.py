@@ -60,6 +60,7 @@ def check_rows(model, rows, steps=6, **session_kwargs):
 def test_causal_padded_batch_equals_rows_alone():
     model = model_of()
     check_rows(model, prompts())
+    check_rows(model, prompts(), prefill_chunk=7)  # pads spanning several prefill chunks
     ids, mask = left_pad(prompts(), pad_id=0)
     full = model(ids.masked_fill(~mask, 61), attention_mask=mask).logits  # no cache, one forward
     for i, row in enumerate(prompts()):
@@ -126,3 +127,37 @@ def test_landmark_session_padded_batch_equals_rows_alone(chunk, selection):
     model = model_of(**landmark(selection=selection))
     rows = prompts(lengths=(23, 8, 17, 2, 11))
     check_rows(model, rows, steps=7, prefill_chunk=chunk)
+
+
+def lolcats(**options) -> dict:
+    return dict(layer_attention={0: "hybrid_linear"}, attention_options={"hybrid_linear": {
+        "feature_dim": 4, "window_size": 4, "feature_map_init": "kaiming_uniform", **options}})
+
+
+@pytest.mark.parametrize("options", [{"window": "sw"}, {"window": "tk"}, {"window": "none"},
+                                     {"window": "sw", "path": "quadratic", "affine_attention_factors": True}])
+def test_lolcats_hybrid_state_padded_batch_equals_rows_alone(options):
+    """Pads are kept out of the window and of the linear state (S, z), through chunked prefill and decoding."""
+    model = model_of(**lolcats(**options))
+    check_rows(model, prompts(), steps=6, prefill_chunk=7)
+
+
+@pytest.mark.parametrize("window", ["tk", "sw"])
+def test_lolcats_full_forward_of_a_padded_batch(window):
+    """Without a cache, each row's terrace blocks start at its first token (start alignment) or end at its last."""
+    for alignment in ("start", "end"):
+        model = model_of(**lolcats(window=window, block_alignment=alignment))
+        rows = prompts()
+        ids, mask = left_pad(rows, pad_id=0)
+        full = model(ids.masked_fill(~mask, 61), attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(full[i][mask[i]], model(torch.tensor([row])).logits[0], rtol=0, atol=ATOL)
+
+
+def test_lolcats_padding_errors():
+    model = model_of(**lolcats(window="tk", decode_window="terrace"))
+    ids, mask = left_pad(prompts(), pad_id=0)
+    with pytest.raises(ValueError, match="decode_window=terrace.*decode_window=sliding"):
+        session_for(model, 4).prefill(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="needs left padding"):
+        model(ids, attention_mask=mask.flip(1))

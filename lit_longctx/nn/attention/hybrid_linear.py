@@ -153,13 +153,16 @@ def window_masks(
     k_len: int,
     window: str,
     window_size: int,
-    block_offset: int = 0,
+    block_offset: int | torch.Tensor = 0,
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean (q_len, k_len) masks of the window set W(i) and the linear set Λ(i) = causal minus W(i).
 
-    The queries are the last ``q_len`` of the ``k_len`` positions. ``tk`` blocks: block(j) = ⌊(j + block_offset)/w⌋.
+    The queries are the last ``q_len`` of the ``k_len`` positions. ``tk`` blocks: block(j) = ⌊(j + block_offset)/w⌋;
+    a (B,) tensor of offsets (left-padded rows, whose blocks start at their first token) gives (B, q_len, k_len).
     """
+    if isinstance(block_offset, torch.Tensor):
+        block_offset = block_offset.view(-1, 1, 1)
     i = torch.arange(k_len - q_len, k_len, device=device).unsqueeze(1)
     j = torch.arange(k_len, device=device).unsqueeze(0)
     causal = j <= i
@@ -187,9 +190,11 @@ def hybrid_attention_quadratic(
     window: str,
     window_size: int,
     scale: float,
-    block_offset: int = 0,
+    block_offset: int | torch.Tensor = 0,
     state: LinearState | None = None,
     return_weights: bool = False,
+    key_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hybrid attention with both L×L matrices materialised (spec §2 a). Reference for every other path.
 
@@ -200,12 +205,20 @@ def hybrid_attention_quadratic(
             ``window="none"`` (pure linear attention has neither).
         state: (S0 (B, H, 2F, D), z0 (B, H, 2F)) over keys before the sequence; they belong to every Λ(i).
         return_weights: also return the normalised weights Â (B, H, T, S) (without the state's mass).
+        key_mask: (B, S) bool, False = a pad key: in neither the window nor the linear set (so never in the state);
+            ``query_mask`` (B, T): pad queries keep their window keys, so that no row is empty.
 
     Returns:
         y (B, H, T, D) in the inputs' dtype, and Â or None.
     """
     t, s = q.shape[2], k.shape[2]
     win, lin = window_masks(t, s, window, window_size, block_offset, q.device)
+    if win.dim() == 3:  # per-row blocks: (B, T, S) -> broadcast over heads
+        win, lin = win.unsqueeze(1), lin.unsqueeze(1)
+    if key_mask is not None:
+        keys = key_mask[:, None, None, :]
+        lin = lin & keys
+        win = win & (keys | ~query_mask[:, None, :, None]) if query_mask is not None else win & keys
     if window == "none":  # pure linear attention: no factors, ε in the denominator
         gamma, alpha = None, 1.0
     a = alpha * (fq @ fk.transpose(-1, -2)).masked_fill(~lin, 0.0)  # (B, H, T, S)
@@ -397,6 +410,7 @@ class HybridLinearCache:
         kv_state: (B, H, 2F, D) S = Σ φ_k(k)vᵀ over every key that left the window, in the compute dtype.
         k_state: (B, H, 2F) z = Σ φ_k(k) over the same keys.
         length: tokens seen so far (the absolute position of the next token).
+        mask: (B, n) bool token mask of ``k, v`` (False = pad), or None while no pad was fed.
     """
 
     def __init__(
@@ -415,10 +429,20 @@ class HybridLinearCache:
         self.kv_state = torch.zeros(batch_size, n_heads, 2 * feature_dim, head_dim, device=device, dtype=acc)
         self.k_state = torch.zeros(batch_size, n_heads, 2 * feature_dim, device=device, dtype=acc)
         self.length = 0
+        self.mask: torch.Tensor | None = None
+        self.started: torch.Tensor | None = None  # (B,) rows that have had a token (padded batches)
 
     def num_bytes(self) -> int:
         """Bytes held by the state tensors."""
         return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.kv_state, self.k_state))
+
+
+def check_left_padded(mask: torch.Tensor) -> None:
+    """Hybrid windows are counted in fed ids, so pads may only precede a row's tokens (left padding)."""
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError(
+            "hybrid_linear attention needs left padding: pads (attention_mask 0) may only come before a row's tokens"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- the module
@@ -539,12 +563,22 @@ class HybridLinearAttention(Attention):
         q = self.rotate(q, ctx.cos, ctx.sin).transpose(1, 2)  # (B, H, T, D)
         k = self.rotate(k, ctx.cos, ctx.sin).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.transpose(1, 2)  # (B, Hkv, T, D)
+        mask = ctx.attention_mask
+        if mask is not None:
+            check_left_padded(mask)
         if ctx.extras.get(DISTILL):
             if cache is not None:
                 raise ValueError("distill mode (attention transfer) runs on whole sequences; do not pass a cache")
+            if mask is not None:
+                raise ValueError("distill mode (attention transfer) trains on full windows; pass no attention_mask")
             return self._distill(q, k, v, ctx)
         if cache is not None:
-            y = self._cached(q, k, v, cache)
+            y = self._cached(q, k, v, cache, mask)
+        elif mask is not None:  # each row's terrace blocks start at its first token (start) / end at its last (end)
+            counts = mask.sum(1).tolist()
+            offset = torch.tensor([(self._block_offset(n) - (q.shape[2] - n)) % self.window_size for n in counts],
+                                  device=q.device)
+            y, _ = self.attend(q, k, v, window=self.window, block_offset=offset, key_mask=mask, query_mask=mask)
         else:
             y, _ = self.attend(q, k, v, window=self.window, block_offset=self._block_offset(q.shape[2]))
         return self.output(y.to(x.dtype))
@@ -572,22 +606,27 @@ class HybridLinearAttention(Attention):
         v: torch.Tensor,
         *,
         window: str,
-        block_offset: int = 0,
+        block_offset: int | torch.Tensor = 0,
         state: LinearState | None = None,
         return_weights: bool = False,
+        key_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hybrid attention of q (B, H, T, D), the last T of the S positions of k, v (B, Hkv, S, D).
 
-        Returns y (B, H, T, D) in the compute dtype, and Â (B, H, T, S) when ``return_weights``.
+        ``key_mask`` (B, S) / ``query_mask`` (B, T) (padded batches, per-row ``block_offset``) take the quadratic
+        path, which masks pads out of both sets. Returns y (B, H, T, D) in the compute dtype, and Â (B, H, T, S) when
+        ``return_weights``.
         """
         acc = compute_dtype(q.dtype)
         q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         gamma, alpha = self.factors(acc)
-        if return_weights or self.path == "quadratic":
+        if return_weights or self.path == "quadratic" or key_mask is not None:
             return hybrid_attention_quadratic(
                 q, k, v, fq, fk, gamma, alpha, window=window, window_size=self.window_size, scale=self.scale,
-                block_offset=block_offset, state=state, return_weights=return_weights,
+                block_offset=block_offset, state=state, return_weights=return_weights, key_mask=key_mask,
+                query_mask=query_mask,
             )
         pad = k.shape[2] - q.shape[2]  # the fast paths want a query per key; padded rows are dropped
         if pad:
@@ -621,18 +660,45 @@ class HybridLinearAttention(Attention):
         k_old = self._expand_kv(cache.k[:, :, :n_drop], acc)  # (B, H, n_drop, D)
         v_old = self._expand_kv(cache.v[:, :, :n_drop], acc)
         fk = self.feature_map_k(k_old)  # (B, H, n_drop, 2F)
+        if cache.mask is not None:  # pads never enter the linear state
+            fk = fk * cache.mask[:, None, :n_drop, None]
         cache.kv_state = cache.kv_state + fk.transpose(-1, -2) @ v_old
         cache.k_state = cache.k_state + fk.sum(dim=2)
         cache.k, cache.v = cache.k[:, :, n_drop:], cache.v[:, :, n_drop:]
+        if cache.mask is not None:
+            cache.mask = cache.mask[:, n_drop:]
 
-    def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: HybridLinearCache) -> torch.Tensor:
-        """Attend T new tokens through the recurrent state; returns (B, H, T, D) in the compute dtype."""
+    def _cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: HybridLinearCache, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attend T new tokens through the recurrent state; returns (B, H, T, D) in the compute dtype.
+
+        ``mask`` (B, T) marks the tokens of a left-padded chunk: pads are hidden from the window and never folded
+        into (S, z); the window is counted in fed ids, which for left padding holds exactly each row's own window.
+        """
         t = q.shape[2]
+        if mask is not None or cache.mask is not None:
+            if mask is not None and cache.started is not None and bool((cache.started & ~mask.all(1)).any()):
+                raise ValueError("a pad after a row's first token: a hybrid_linear cache takes left-padded prompts only")
+            started = mask.any(1) if mask is not None else torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+            cache.started = started if cache.started is None else cache.started | started
+            if self.decode_window == "terrace":
+                raise ValueError(
+                    "decode_window=terrace aligns blocks to absolute positions, which differ per row in a padded "
+                    "batch; decode padded batches with decode_window=sliding, or run the prompts one by one"
+                )
+            new = mask if mask is not None else torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device)
+            old = cache.mask if cache.mask is not None else new.new_ones(q.shape[0], cache.k.shape[2])
+            cache.mask = torch.cat([old, new], dim=1)
         if self.window == "none":
             acc = cache.kv_state.dtype
             q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
+            fk = self.feature_map_k(k)
+            if cache.mask is not None:
+                fk = fk * cache.mask[:, None, -t:, None]
+                cache.mask = cache.mask[:, :0]
             y, (cache.kv_state, cache.k_state) = linear_attention(
-                self.feature_map_q(q), self.feature_map_k(k), v, state=(cache.kv_state, cache.k_state)
+                self.feature_map_q(q), fk, v, state=(cache.kv_state, cache.k_state)
             )
             cache.length += t
             return y
@@ -643,21 +709,27 @@ class HybridLinearAttention(Attention):
         cache.length += t
         state = (cache.kv_state, cache.k_state)
         if t == 1:  # every buffered key is in this query's window: no ψ over the buffer is needed
-            y = self._decode_step(q, cache.k, cache.v, state)
+            y = self._decode_step(q, cache.k, cache.v, state, cache.mask)
         else:
             window = "tk" if self.decode_window == "terrace" else "sw"
-            y, _ = self.attend(q, cache.k, cache.v, window=window, block_offset=start % self.window_size, state=state)
+            y, _ = self.attend(q, cache.k, cache.v, window=window, block_offset=start % self.window_size, state=state,
+                               key_mask=cache.mask, query_mask=None if cache.mask is None else cache.mask[:, -t:])
         self._fold(cache, self._window_start(last))  # keep only the window of the last query
         return y
 
-    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState) -> torch.Tensor:
-        """One query (B, H, 1, D) over its whole window k, v (B, Hkv, n, D) plus the linear state (spec §2 decode)."""
+    def _decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One query (B, H, 1, D) over its whole window k, v (B, Hkv, n, D) plus the linear state (spec §2 decode);
+        ``mask`` (B, n) hides pad keys."""
         kv_state, k_state = state
         acc = kv_state.dtype
         q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
         fq = self.feature_map_q(q)  # (B, H, 1, 2F)
         gamma, alpha = self.factors(acc)
         scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, 1, n)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         return _window_plus_linear(scores, v, gamma, alpha, fq @ kv_state, fq @ k_state.unsqueeze(-1))
 
     # ------------------------------------------------------------------------------------------- distillation
