@@ -679,7 +679,7 @@ class HybridLinearAttention(Attention):
         t = q.shape[2]
         if mask is not None or cache.mask is not None:
             if mask is not None and cache.started is not None and bool((cache.started & ~mask.all(1)).any()):
-                raise ValueError("a pad after a row's first token: a hybrid_linear cache takes left-padded prompts only")
+                raise ValueError("a pad after a row's first token: hybrid_linear caches take left-padded prompts only")
             started = mask.any(1) if mask is not None else torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
             cache.started = started if cache.started is None else cache.started | started
             if self.decode_window == "terrace":
