@@ -31,7 +31,7 @@ subcommands:
   convert    checkpoints to and from Hugging Face format:
                                        lit-longctx convert from-hf --source HF_DIR --output model.ckpt
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
-  generate   sample text from a checkpoint or HF directory:
+  generate   sample text from a checkpoint or HF directory (--prompts @FILE: one prompt a line, batched):
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
   weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
                                        lit-longctx weight-diff recover --base LLAMA_DIR --diff DIFF_DIR --output OUT
@@ -153,9 +153,23 @@ def convert_to_hf(checkpoint: str, output: str, dtype: str | None = None) -> Pat
 
 
 # -------------------------------------------------------------------------------------------------------- generate
+def _read_prompts(prompts: str) -> list[str]:
+    """``@file`` (one prompt per line; empty lines skipped) or one prompt given inline."""
+    if not prompts.startswith("@"):
+        return [prompts]
+    path = Path(prompts[1:]).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist (give --prompts @FILE, one prompt a line)")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompt (one prompt per line)")
+    return lines
+
+
 def generate_text(
     checkpoint: str,
     prompt: str = "\n",
+    prompts: str | None = None,
     max_new_tokens: int = 50,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -171,15 +185,19 @@ def generate_text(
     Args:
         checkpoint: an HF directory, a lit-longctx checkpoint, a fit .ckpt or a run directory.
         prompt: the prompt text, or @path to read it from a file.
+        prompts: several prompts, @path of a file with one prompt per line: generated together in one batch (left
+            padding; each continuation equals that of its prompt alone when greedy). Replaces ``prompt``.
         max_new_tokens: tokens to generate per sample.
         temperature: 0 = greedy; higher = more random.
         top_k: sample only from the k most likely tokens.
         top_p: sample only from the smallest set of tokens whose probability reaches p.
-        num_samples: independent samples.
+        num_samples: independent samples (of every prompt).
         seed: random seed for sampling.
         device: cpu, cuda, or auto.
         dtype: compute dtype (default float32 on CPU, bfloat16 on CUDA).
         session: options for the model's decoding session (e.g. FoT's last_context_length).
+
+    Returns the continuations, sample by sample, in prompt order.
     """
     import torch
 
@@ -187,11 +205,15 @@ def generate_text(
     from lit_longctx.nn.config import parse_dtype
     from lit_longctx.nn.generate import generate
 
-    if prompt.startswith("@"):
+    if prompts is not None:
+        texts_in = _read_prompts(prompts)
+    elif prompt.startswith("@"):
         prompt_file = Path(prompt[1:]).expanduser()
         if not prompt_file.exists():
             raise FileNotFoundError(f"prompt file {str(prompt_file)!r} does not exist")
-        prompt = prompt_file.read_text()
+        texts_in = [prompt_file.read_text()]
+    else:
+        texts_in = [prompt]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -200,19 +222,21 @@ def generate_text(
         from lit_longctx.hf import CheckpointError
 
         raise CheckpointError(f"{checkpoint!r} carries no tokenizer, so text prompts cannot be encoded")
-    ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
+    ids = [tokenizer.encode(text, bos=tokenizer.bos_id is not None) for text in texts_in]
     generator = torch.Generator(device=device).manual_seed(seed)
     stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     texts = []
     for _ in range(num_samples):
         start = time.perf_counter()
-        new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       stop_tokens=stops, generator=generator, **(session or {}))[0]
+        new = generate(model, ids if len(ids) > 1 else ids[0], max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, stop_tokens=stops, generator=generator, **(session or {}))
         elapsed = time.perf_counter() - start
-        text = tokenizer.decode(new)
-        print(prompt + text)
-        print(f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
-        texts.append(text)
+        for text_in, row in zip(texts_in, new):
+            text = tokenizer.decode(row)
+            print(text_in + text)
+            texts.append(text)
+        n = sum(len(row) for row in new)
+        print(f"[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return texts
 
 

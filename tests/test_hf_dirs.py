@@ -21,7 +21,6 @@ from lit_longctx.nn import ModelConfig, Transformer
 from lit_longctx.nn.attention.fot import FoTSession
 from lit_longctx.nn.config import ConfigError
 from lit_longctx.tokenizers import load_tokenizer
-from tests.cli_helpers import one_line_error
 
 TINY = dict(vocab_size=260, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
 MEMORY = dict(last_context_length=16, mem_dtype="float32", mem_positionals=True, mem_attention_grouping=[2, 8],
@@ -90,9 +89,12 @@ def test_generate_command_reads_the_memory_layers(tmp_path, capsys):
     assert texts == [want]
 
 
-def test_mem_layers_beyond_the_layer_count_is_a_clear_error(tmp_path):
+def test_mem_layers_beyond_the_layer_count_is_a_clear_error(tmp_path, capsys):
     path, _ = longllama_dir(tmp_path, mem_layers=(1, 3))
     with pytest.raises(ConfigError, match=r"mem_layers=\[1, 3\] names layers \[3\].*num_hidden_layers=3"):
         from_hf(path)
-    err = one_line_error("convert", "from-hf", "--source", str(path), "--output", str(tmp_path / "x.ckpt"))
-    assert "mem_layers" in err and "num_hidden_layers=3" in err
+    with pytest.raises(SystemExit) as exit_info:  # the command: one error line, status 2
+        main(["convert", "from-hf", "--source", str(path), "--output", str(tmp_path / "x.ckpt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: config.json mem_layers=[1, 3]") and "num_hidden_layers=3" in err[0]
