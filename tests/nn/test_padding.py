@@ -161,3 +161,21 @@ def test_lolcats_padding_errors():
         session_for(model, 4).prefill(ids, attention_mask=mask)
     with pytest.raises(ValueError, match="needs left padding"):
         model(ids, attention_mask=mask.flip(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [{"attn_backend": "sdpa"}, {"attn_backend": "flash_attn"}, FOT, landmark(),
+                                       lolcats(window="sw")])
+def test_padded_batch_on_cuda(overrides):
+    """The masked kernels on CUDA (fp32): padded rows equal rows alone; flash_attn falls back to sdpa with pads."""
+    model = model_of(**overrides).cuda()
+    rows = prompts(lengths=(37, 5, 20, 1))
+    ids, mask = left_pad(rows, pad_id=0, device="cuda")
+    with torch.no_grad():
+        batched = session_for(model, len(rows)).forward_logits(ids.masked_fill(~mask, 61), attention_mask=mask)
+        for i, row in enumerate(rows):
+            alone = session_for(model, 1).forward_logits(torch.tensor([row], device="cuda"))[0]
+            finite = torch.isfinite(alone)
+            torch.testing.assert_close(batched[i][mask[i]][finite], alone[finite], rtol=0, atol=1e-4)
+    want = [generate(model, row, 6)[0] for row in rows]
+    assert generate(model, rows, 6) == want
