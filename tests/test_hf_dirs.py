@@ -98,3 +98,23 @@ def test_mem_layers_beyond_the_layer_count_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1
     assert err[0].startswith("error: config.json mem_layers=[1, 3]") and "num_hidden_layers=3" in err[0]
+
+
+def test_an_export_with_method_tensors_reads_the_same_everywhere(tmp_path):
+    """A lit-longctx export of a LoLCATs model (feature maps beside the weights): from_hf builds the hybrid model
+    with its feature maps, as load_model and init_from do (formerly from_hf failed on the missing tensors)."""
+    from lit_longctx.export import export_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY, layer_attention={1: "hybrid_linear"},
+                         attention_options={"hybrid_linear": {"feature_dim": 4, "window_size": 4,
+                                                              "feature_map_init": "kaiming_uniform"}})
+    model = Transformer(config)
+    out = export_model(model, tmp_path / "hf", method="lolcats_transfer")
+    init = CausalLM(init_from=str(out))
+    init.configure_model()
+    ids = torch.randint(0, 256, (1, 20))
+    want = model(ids).logits
+    for got in (from_hf(out), load_model(out)[0], init.model):
+        assert got.config.layer_attention == {1: "hybrid_linear"}
+        torch.testing.assert_close(got(ids).logits, want, rtol=0, atol=0)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_longctx.checkpoint import read_checkpoint, save_checkpoint
 from lit_longctx.export import export_model
-from lit_longctx.hf import CheckpointError, from_hf, to_hf
+from lit_longctx.hf import CheckpointError, from_hf, load_hf_state_dict, to_hf
 from lit_longctx.modules import CausalLM
 from lit_longctx.modules.causal_lm import lr_factor
 from lit_longctx.nn import ModelConfig, Transformer
@@ -148,7 +148,10 @@ def test_export_keeps_method_layout_and_extra_tensors(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["lit_longctx"]["method"] == "causal"
     assert (out / "lit_longctx_extras.safetensors").exists()
-    plain = from_hf(out)  # transformers-style loading ignores the extras
-    assert torch.equal(plain.lm_head.weight, model.lm_head.weight)
+    plain = load_hf_state_dict(out)  # the weights transformers reads hold no extras
+    assert "extra_scale" not in plain and torch.equal(plain["lm_head.weight"], model.lm_head.weight)
+    # from_hf is the one HF-directory reader (as init_from): extras that the recorded layout cannot hold are an error
+    with pytest.raises(CheckpointError, match=r"unexpected \['extra_scale'\]"):
+        from_hf(out)
     loaded = read_checkpoint(out)
     assert torch.equal(loaded.state_dict["extra_scale"], torch.full((3,), 2.0))
