@@ -207,9 +207,24 @@ def test_constant_model_is_what_it_claims():
     torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 260))
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_clear_line(tmp_path):
     ckpt = save_checkpoint(tmp_path / "model.ckpt", tiny(), tokenizer=ByteTokenizer())
     err = one_line_error("evaluate", "--checkpoint", str(ckpt), "--tasks", "tiny_mcq", "--include_path",
                          str(mc_task(tmp_path)), "--output_path", str(tmp_path / "out"))
     assert "unknown evaluation task 'tiny_mcq'" in err and "did you mean tiny_mc" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_harness_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lit_longctx.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "model.ckpt", tiny(), tokenizer=ByteTokenizer())
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError, as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(ckpt), "--tasks", "arc_easy"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == 'error: `lit-longctx evaluate` needs the lm-evaluation-harness: pip install -e ".[eval]"'
