@@ -22,7 +22,7 @@ Scoring conventions (those of the harness's HF backend, ``lm_eval.models.hugging
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,8 @@ class SessionLM(LM):
             ``top_k``).
         max_gen_toks: default generation length when a request names none.
         generator: random generator for sampled generation.
+        session_factory: makes a fresh session (default: ``session_for(model, batch_size=1, **session_kwargs)``); a
+            LightningModule passes its own ``inference_session``.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class SessionLM(LM):
         session_kwargs: dict[str, Any] | None = None,
         max_gen_toks: int = 256,
         generator: torch.Generator | None = None,
+        session_factory: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -67,6 +70,7 @@ class SessionLM(LM):
         self.session_kwargs = dict(session_kwargs or {})
         self.max_gen_toks = max_gen_toks
         self.generator = generator
+        self.session_factory = session_factory or (lambda: session_for(model, batch_size=1, **self.session_kwargs))
         self.session_types: set[str] = set()  # the session classes requests went through (tests assert on it)
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -79,7 +83,7 @@ class SessionLM(LM):
         return f"lit-longctx-{self.tokenizer.kind}"
 
     def new_session(self) -> Any:
-        session = session_for(self.model, batch_size=1, **self.session_kwargs)
+        session = self.session_factory()
         self.session_types.add(type(session).__name__)
         return session
 
