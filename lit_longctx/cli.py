@@ -33,6 +33,8 @@ subcommands:
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
   generate   sample text from a checkpoint or HF directory (--prompts @FILE: one prompt a line, batched):
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
+  evaluate   lm-evaluation-harness tasks through the method's inference path:
+                                       lit-longctx evaluate --checkpoint CKPT_OR_HF_DIR --tasks arc_easy,hellaswag
   weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
                                        lit-longctx weight-diff recover --base LLAMA_DIR --diff DIFF_DIR --output OUT
 
@@ -317,6 +319,12 @@ def _weight_diff() -> Any:
     return {"recover": recover, "make": make_diff}
 
 
+def _evaluate() -> Any:
+    from lit_longctx.eval.evaluate import evaluate
+
+    return evaluate
+
+
 # The subcommands that are not LightningCLI's: name -> a function returning what jsonargparse's CLI runs (a function
 # or a dict of them). A new subcommand is a function in its own module plus one line here (imports stay lazy, so
 # `lit-longctx fit` never imports a server or an evaluation harness).
@@ -324,6 +332,7 @@ SUBCOMMANDS: dict[str, Callable[[], Any]] = {
     "convert": _convert,
     "generate": lambda: generate_text,
     "weight-diff": _weight_diff,
+    "evaluate": _evaluate,
 }
 
 

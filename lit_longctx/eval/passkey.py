@@ -523,7 +523,7 @@ def summarize_retrieval(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     def stats(rs: list[dict[str, Any]]) -> dict[str, Any]:
         tokens = [r["n_tokens"] for r in rs]
-        correct = sum(bool(r["correct"]) for r in rs)
+        correct = sum(r.get("score", float(bool(r["correct"]))) for r in rs)  # RULER tasks give partial credit
         return {"correct": correct, "total": len(rs), "accuracy": correct / len(rs),
                 "mean_tokens": sum(tokens) / len(tokens), "min_tokens": min(tokens), "max_tokens": max(tokens)}
 
@@ -535,12 +535,13 @@ def summarize_retrieval(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 cells.append({"length": n, "depth": d, **stats(rs)})
     by_length = [{"length": n, **stats([r for r in records if r["length"] == n])} for n in lengths]
     by_depth = [{"depth": d, **stats([r for r in records if r["depth"] == d])} for d in depths]
-    keep = ("length", "depth", "trial", "answer", "prediction", "correct", "n_tokens", "needle_token", "output")
+    keep = ("length", "depth", "trial", "answer", "prediction", "correct", "score", "n_tokens", "needle_token",
+            "output")
     return {
         "task": records[0]["task"],
         "lengths": lengths,
         "depths": depths,
-        "accuracy": sum(bool(r["correct"]) for r in records) / len(records),
+        "accuracy": sum(r.get("score", float(bool(r["correct"]))) for r in records) / len(records),
         "total": len(records),
         "cells": cells,
         "by_length": by_length,

@@ -34,9 +34,20 @@ def position_edges(lengths: Sequence[int]) -> list[int]:
     return [0, *ends]
 
 
-@torch.no_grad()
 def per_token_nll(session: Any, input_ids: torch.Tensor, slice_size: int = 1024) -> torch.Tensor:
     """NLL (float32, shape (N - 1,)) of ``input_ids[0, t]`` given ``input_ids[0, :t]`` for t = 1..N-1.
+
+    See :func:`per_token_scores`, which also says whether each token was the model's greedy choice.
+    """
+    return per_token_scores(session, input_ids, slice_size)[0]
+
+
+@torch.no_grad()
+def per_token_scores(
+    session: Any, input_ids: torch.Tensor, slice_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL, is-greedy), each of shape (N - 1,): the float32 NLL of ``input_ids[0, t]`` given ``input_ids[0, :t]``
+    for t = 1..N-1, and whether that token is the argmax of the model's prediction (the harness's ``is_greedy``).
 
     ``session`` is a fresh ``lit_longctx.nn.DecodingSession`` (batch size 1); the window is fed in chunks of its
     ``prefill_chunk``. A session with ``forward_logits(ids) -> (1, n, V)`` (the logits of every fed token through the
@@ -52,7 +63,7 @@ def per_token_nll(session: Any, input_ids: torch.Tensor, slice_size: int = 1024)
         raise ValueError(f"a window needs at least 2 tokens to score one prediction, got {n}")
     forward_logits = getattr(session, "forward_logits", None)
     chunk = session.prefill_chunk
-    out = []
+    out, greedy = [], []
     for start in range(0, n, chunk):
         ids = input_ids[:, start : start + chunk]
         if forward_logits is not None:
@@ -69,7 +80,8 @@ def per_token_nll(session: Any, input_ids: torch.Tensor, slice_size: int = 1024)
         for s in range(0, targets.shape[0], slice_size):
             piece = logits[s : min(s + slice_size, targets.shape[0])].float()
             out.append(F.cross_entropy(piece, targets[s : s + slice_size], reduction="none"))
-    return torch.cat(out)
+            greedy.append(piece.argmax(-1) == targets[s : s + slice_size])
+    return torch.cat(out), torch.cat(greedy)
 
 
 def bucket_sums(nll: torch.Tensor, edges: Sequence[int]) -> tuple[list[float], list[int]]:

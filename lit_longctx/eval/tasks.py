@@ -15,6 +15,8 @@ Tasks:
 - ``passkey`` / ``multikey``: greedy generation of ``max_new_tokens`` through the session; correct when the first
   integer of the continuation (cut at EOS) equals ``answer``. Exactly ``max_new_tokens`` steps run even after EOS, so
   ranks of a sharded model stay in lockstep.
+- RULER's tasks (``niah_*``, ``vt``, ``cwe``, ``fwe``, ``qa``; :mod:`lit_longctx.eval.ruler`): greedy generation as
+  above, scored by RULER's string match against the batch's list of answers (partial credit in ``score``).
 - ``ppl_by_position``: per-token NLL over the window through the session, summed into position buckets.
 """
 
@@ -31,9 +33,10 @@ from lit_longctx.eval.passkey import score_answer, summarize_retrieval
 from lit_longctx.eval.perplexity import TASK as PPL_TASK
 from lit_longctx.eval.perplexity import bucket_sums, per_token_nll, summarize_ppl
 from lit_longctx.eval.report import run_dir, summary_metrics, write_report
+from lit_longctx.eval.ruler import RULER_TASKS, ruler_score
 from lit_longctx.nn.generate import generate
 
-EVAL_TASKS = (*RETRIEVAL_TASKS, PPL_TASK)
+EVAL_TASKS = (*RETRIEVAL_TASKS, *RULER_TASKS, PPL_TASK)
 _RECORDS = "_long_eval_records"
 
 
@@ -57,8 +60,8 @@ def new_session(module: Any, batch: dict[str, Any]) -> Any:
     return module.inference_session(batch_size=1, **(batch.get("session_kwargs") or {}))
 
 
-def retrieval_record(module: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    """Generate greedily for one retrieval prompt and score it."""
+def generated_answer(module: Any, batch: dict[str, Any]) -> str:
+    """The greedy continuation of the batch's prompt through the module's session, cut at EOS, as text."""
     tokenizer = module.tokenizer
     if tokenizer is None:
         raise ValueError(
@@ -69,10 +72,11 @@ def retrieval_record(module: Any, batch: dict[str, Any]) -> dict[str, Any]:
                    session=new_session(module, batch))[0]
     if tokenizer.eos_id is not None and tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
-    output = tokenizer.decode(new)
-    answer = int(_scalar(batch["answer"]))
-    prediction, correct = score_answer(output, answer)
-    record = {
+    return tokenizer.decode(new)
+
+
+def _grid_record(batch: dict[str, Any]) -> dict[str, Any]:
+    return {
         "task": batch["task"],
         "index": int(_scalar(batch["index"])),
         "length": int(_scalar(batch["length"])),
@@ -80,14 +84,27 @@ def retrieval_record(module: Any, batch: dict[str, Any]) -> dict[str, Any]:
         "trial": int(_scalar(batch["trial"])),
         "n_tokens": int(batch["input_ids"].shape[1]),
         "needle_token": int(_scalar(batch["needle_token"])),
-        "answer": answer,
-        "prediction": prediction,
-        "correct": correct,
-        "output": output,
     }
+
+
+def retrieval_record(module: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """Generate greedily for one retrieval prompt and score it (the first integer must equal the key)."""
+    output = generated_answer(module, batch)
+    answer = int(_scalar(batch["answer"]))
+    prediction, correct = score_answer(output, answer)
+    record = {**_grid_record(batch), "answer": answer, "prediction": prediction, "correct": correct, "output": output}
     if "name" in batch:
         record["name"] = batch["name"]
     return record
+
+
+def ruler_record(module: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """Generate greedily for one RULER prompt and score it by string match (partial credit in ``score``)."""
+    output = generated_answer(module, batch)
+    answers = list(batch["answer"])
+    score = ruler_score(batch["task"], output, answers)
+    return {**_grid_record(batch), "answer": answers, "prediction": output, "score": score, "correct": score == 1.0,
+            "output": output}
 
 
 def ppl_record(module: Any, batch: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +124,8 @@ def evaluate_batch(module: Any, batch: dict[str, Any]) -> dict[str, Any]:
         return retrieval_record(module, batch)
     if task == PPL_TASK:
         return ppl_record(module, batch)
+    if task in RULER_TASKS:
+        return ruler_record(module, batch)
     raise ValueError(f"unknown evaluation task {task!r} in the batch; known tasks: {', '.join(EVAL_TASKS)}")
 
 
