@@ -33,6 +33,8 @@ subcommands:
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
   generate   sample text from a checkpoint or HF directory:
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
+  serve      serve completions, embeddings and tokens over HTTP (OpenAI-compatible, web page at /):
+                                       lit-longctx serve --checkpoint CKPT_OR_HF_DIR --port 8000
   weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
                                        lit-longctx weight-diff recover --base LLAMA_DIR --diff DIFF_DIR --output OUT
 
@@ -292,12 +294,19 @@ def _weight_diff() -> Any:
     return {"recover": recover, "make": make_diff}
 
 
+def _serve() -> Any:
+    from lit_longctx.serve import serve
+
+    return serve
+
+
 # The subcommands that are not LightningCLI's: name -> a function returning what jsonargparse's CLI runs (a function
 # or a dict of them). A new subcommand is a function in its own module plus one line here (imports stay lazy, so
 # `lit-longctx fit` never imports a server or an evaluation harness).
 SUBCOMMANDS: dict[str, Callable[[], Any]] = {
     "convert": _convert,
     "generate": lambda: generate_text,
+    "serve": _serve,
     "weight-diff": _weight_diff,
 }
 
