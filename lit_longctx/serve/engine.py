@@ -77,7 +77,7 @@ def prompt_limit(model: Any) -> int | None:
 
 
 def read_chat_template(loaded: Any) -> str | None:
-    """The checkpoint's chat template: ``chat_template`` of tokenizer_config.json, or an HF dir's chat_template.jinja."""
+    """The checkpoint's chat template: tokenizer_config.json's ``chat_template``, or an HF dir's chat_template.jinja."""
     import json
 
     config = loaded.tokenizer_files.get("tokenizer_config.json")

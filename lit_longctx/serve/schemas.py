@@ -135,7 +135,7 @@ def parse_body(raw: bytes, schema: type[Strict]) -> Any:
         return schema.model_validate(data)
     except ValidationError as e:
         errors = e.errors(include_url=False)
-        first = errors[0]
+        first = next((err for err in errors if err["type"] == "extra_forbidden"), errors[0])  # a typo explains most
         field = _field_name(tuple(first["loc"]))
         message = first["msg"] if first["type"] != "extra_forbidden" else "unknown field"
         allowed = ", ".join(schema.model_fields)
