@@ -41,8 +41,22 @@ def serve(
         request_timeout: seconds a request may take from admission, queueing included (504 beyond).
         session: options for the model's decoding session (e.g. FoT's last_context_length).
     """
-    import torch
     import uvicorn
+
+    app = build_server(checkpoint, host=host, port=port, name=name, device=device, dtype=dtype,
+                       max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, max_samples=max_samples,
+                       max_body_bytes=max_body_bytes, max_concurrent=max_concurrent, request_timeout=request_timeout,
+                       session=session)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def build_server(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+                 device: str = "auto", dtype: str | None = None, max_prompt_tokens: int | None = None,
+                 max_new_tokens: int = 1024, max_samples: int = 16, max_body_bytes: int = 1 << 20,
+                 max_concurrent: int = 16, request_timeout: float = 600.0,
+                 session: dict[str, Any] | None = None) -> Any:
+    """Check the options, load the checkpoint and return the FastAPI app (what :func:`serve` runs)."""
+    import torch
 
     from lit_longctx.checkpoint import load_model
     from lit_longctx.hf import CheckpointError
@@ -76,4 +90,4 @@ def serve(
     limit = engine.max_prompt_tokens if engine.max_prompt_tokens is not None else "unbounded"
     print(f"lit-longctx serve: {engine.name} ({loaded.method}, {engine.session_name}, prompts up to {limit} tokens) "
           f"on http://{host}:{port}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    return app

@@ -111,3 +111,30 @@ def serving(checkpoint: Path, *args: str, timeout: float = 60) -> Iterator[Serve
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def serving_in_thread(checkpoint: Path, **options) -> Iterator[Server]:
+    """The same app on a real uvicorn server on loopback, run on a thread of this process (no second interpreter
+    start-up): what ``lit-longctx serve`` runs, built by :func:`lit_longctx.serve.server.build_server`."""
+    import threading
+
+    import uvicorn
+
+    from lit_longctx.serve.server import build_server
+
+    port = free_port()
+    app = build_server(str(checkpoint), port=port, **options)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.02)
+    try:
+        yield Server(None, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        app.state.worker.shutdown(wait=True, cancel_futures=True)

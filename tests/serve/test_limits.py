@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
+from lit_longctx.cli import main
 from lit_longctx.nn import generate
 from lit_longctx.serve import serve
-from tests.cli_helpers import one_line_error
 
 
 def test_16_concurrent_clients_are_all_correct_and_the_17th_gets_429(server, reference):
@@ -120,8 +120,12 @@ def test_body_size_limit_and_routes(server):
     assert stats["failed"] == 0 and stats["active_sessions"] == 0
 
 
-def test_command_line_errors(hf_dir, tmp_path):
-    assert "does not exist" in one_line_error("serve", "--checkpoint", str(tmp_path / "missing"))
+def test_command_line_errors(hf_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the real command, in this process
+        main(["serve", "--checkpoint", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.splitlines() == [f"error: checkpoint {str(tmp_path / 'missing')!r} does "
+                                                              "not exist"]
     for option, value, words in [("max_concurrent", 0, "must be >= 1"), ("request_timeout", 0, "must be > 0"),
                                  ("port", 70000, "is not a TCP port"), ("max_prompt_tokens", -1, "0 = unbounded")]:
         with pytest.raises(ValueError, match=f"--{option}={value} ") as info:
