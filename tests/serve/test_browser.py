@@ -1,0 +1,46 @@
+"""The web page at / in a real headless Chromium (Debian's, driven by Playwright): load it, submit a prompt, watch the
+streamed text appear and the token count reach the requested number; the text equals the API's greedy answer.
+
+Skips when Playwright or a Chromium binary is missing (scripts/ci/serve.sh installs Debian's chromium for CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CANDIDATES = [os.environ.get("CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
+              shutil.which("chromium-browser")]
+CHROMIUM = next((c for c in CANDIDATES if c and os.path.exists(c)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (apt-get install chromium)")
+def test_page_streams_a_completion(server):
+    expected = server.post("/v1/completions", {"prompt": "Once upon", "max_tokens": 40, "temperature": 0}).json()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('DecodingSession')")
+            page.fill("#prompt", "Once upon")
+            page.wait_for_function("document.getElementById('prompt-tokens').textContent === '10'")  # BOS + 9 bytes
+            page.fill("#max_tokens", "40")
+            page.fill("#temperature", "0")
+            page.evaluate("""window.updates = 0; new MutationObserver(() => window.updates++)
+                .observe(document.getElementById('output'), {childList: true, characterData: true, subtree: true})""")
+            page.click("#submit")
+            page.wait_for_function("Number(document.getElementById('token-count').textContent) > 0")
+            seen_while_streaming = page.text_content("#status")
+            page.wait_for_function("document.getElementById('status').textContent === '(done)'", timeout=30000)
+            assert seen_while_streaming in ("(streaming)", "(done)")
+            assert page.text_content("#token-count") == "40"
+            assert page.text_content("#output") == expected["choices"][0]["text"]
+            assert page.text_content("#error") == ""
+            assert page.evaluate("window.updates") >= 10  # the text grew piece by piece, not in one go
+        finally:
+            browser.close()
