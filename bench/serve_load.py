@@ -155,6 +155,7 @@ def main() -> None:
                              attention_options={"fot": {"mem_dtype": "float32", "last_context_length": 128}})
     fot = save_checkpoint(work / "fot.ckpt", random_model(fot_config), tokenizer=ByteTokenizer(), method="fot")
 
+    load_before = os.getloadavg()[0]
     rows = []
     proc, url = start_server(causal, args.threads)
     try:
@@ -184,6 +185,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = hf_baseline(model, work / "hf", [ByteTokenizer.bos_id] + list(prompt.encode()), new, 5)
 
+    load_after = os.getloadavg()[0]
     import fastapi
     import transformers
     import uvicorn
@@ -197,7 +199,8 @@ def main() -> None:
         f"{args.duration:.0f} s. The model is the quickstart architecture (dim 256, 4 layers, 4/2 heads, ffn 704) "
         "with random weights and the byte tokenizer (vocabulary 259; every request generates exactly 64 tokens). "
         "The server runs one request at a time (requests queue up to `--max_concurrent`), so requests/s stays flat "
-        "and latency grows with the queue; batching will come with padded batched inference.",
+        "and latency grows with the queue; batching will come with padded batched inference. One client leaves the "
+        "worker idle while it reads an answer and sends the next request; from 4 clients on the queue keeps it busy.",
         "",
         f"Command ({datetime.date.today()}):",
         "",
@@ -206,8 +209,9 @@ def main() -> None:
         "",
         f"Hardware: {cpu_name()}, {os.cpu_count()} cores ({args.threads} torch thread in the server), no GPU; "
         f"Python {platform.python_version()}, torch {torch.__version__}, fastapi {fastapi.__version__}, uvicorn "
-        f"{uvicorn.__version__}, transformers {transformers.__version__}. The machine was shared with other jobs, so "
-        "absolute times are noisy.",
+        f"{uvicorn.__version__}, transformers {transformers.__version__}. The machine was shared with other jobs "
+        f"(1-minute load average {load_before:.0f} at the start, {load_after:.0f} at the end, on {os.cpu_count()} "
+        "cores), so absolute times are inflated and noisy.",
         "",
         "| clients | requests | wall (s) | requests/s | p50 latency (s) | p99 latency (s) | generated tokens/s |",
         "|---:|---:|---:|---:|---:|---:|---:|",

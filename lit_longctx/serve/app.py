@@ -157,8 +157,10 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
                            headers={"Retry-After": "1"})
         admitted["n"] += 1
 
-        def release(_: Any) -> None:
+        def release(future: asyncio.Future) -> None:
             admitted["n"] -= 1
+            if not future.cancelled():
+                future.exception()  # retrieved: a request that timed out or was cancelled already got its answer
 
         return release
 
@@ -181,7 +183,7 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
         watcher = asyncio.create_task(watch(request, cancel))
         try:
             return await asyncio.wait_for(asyncio.shield(future), limits.request_timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise ApiError(504, f"the request took longer than {limits.request_timeout} s (server option "
                                 "--request_timeout) and was cancelled", kind="timeout_error") from None
         except Cancelled:
@@ -241,7 +243,7 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
                         last["usage"] = usage(n_prompt, total)
                     yield "data: " + _json(last) + "\n\n"
                 yield "data: [DONE]\n\n"
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 err = ApiError(504, f"the request took longer than {limits.request_timeout} s and was cancelled",
                                kind="timeout_error")
                 yield "data: " + _json(err.body()) + "\n\n"

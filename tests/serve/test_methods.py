@@ -90,6 +90,16 @@ def test_closing_the_connection_cancels_and_frees_the_session(servers):
     assert server.post("/completions", {"prompt": "next", "max_new_tokens": 4}).status_code == 200
 
 
+def test_a_client_that_gives_up_cancels_a_plain_request(servers):
+    server = servers["fot"][0]
+    before = server.health()["stats"]
+    with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection when it gives up
+        server.post("/completions", {"prompt": TEXT, "max_new_tokens": 1000}, timeout=0.5)
+    health = wait_until(server, lambda h: h["stats"]["cancelled"] > before["cancelled"] and h["admitted"] == 0)
+    assert health["stats"]["active_sessions"] == 0
+    assert health["stats"]["generated_tokens"] - before["generated_tokens"] < 900
+
+
 def test_request_timeout_cancels_the_work(servers):
     server = servers["lolcats_lora"][0]
     before = server.health()["stats"]
