@@ -22,8 +22,10 @@ def serve(
     request_timeout: float = 600.0,
     session: dict[str, Any] | None = None,
 ) -> None:
-    """Serve a checkpoint over HTTP: /completions, /embeddings, /tokens, /v1/completions, /v1/chat/completions,
-    /health, /v1/models and a web page at /. Requests run one at a time (queued up to --max_concurrent).
+    """Serve a checkpoint over HTTP (completions, embeddings, tokens, OpenAI-compatible API, a web page at /).
+
+    Endpoints: POST /completions, /embeddings, /tokens, /v1/completions, /v1/chat/completions; GET /health,
+    /v1/models, /. Requests run one at a time through the method's decoding session, queued up to --max_concurrent.
 
     Args:
         checkpoint: an HF directory, a lit-longctx checkpoint, a fit .ckpt or a run directory.
