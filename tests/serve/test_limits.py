@@ -22,8 +22,8 @@ def test_16_concurrent_clients_are_all_correct_and_the_17th_gets_429(server, ref
     prompts = [f"client {i}: " + "abcdefghijklmnop"[i:] for i in range(16)]
     results: dict[int, httpx.Response] = {}
 
-    def client(i: int) -> None:  # client 0 keeps the model busy (12 greedy samples) while the others queue
-        body = {"prompt": prompts[i], "max_new_tokens": 60, "num_samples": 12 if i == 0 else 1}
+    def client(i: int) -> None:  # client 0 keeps the model busy (16 greedy samples) while the others queue
+        body = {"prompt": prompts[i], "max_new_tokens": 60, "num_samples": 16 if i == 0 else 1}
         results[i] = server.post("/completions", body)
 
     def wait_for(admitted: int, running: int) -> None:
@@ -48,7 +48,7 @@ def test_16_concurrent_clients_are_all_correct_and_the_17th_gets_429(server, ref
     for i, prompt in enumerate(prompts):
         expected = generate(model, tok.encode(prompt, bos=True), 60, stop_tokens=[257])[0]
         got = [c["token_ids"] for c in results[i].json()["completions"]]
-        assert results[i].status_code == 200 and got == [expected] * (12 if i == 0 else 1)
+        assert results[i].status_code == 200 and got == [expected] * (16 if i == 0 else 1)
     assert server.health()["admitted"] == 0
     assert server.post("/completions", {"prompt": "after", "max_new_tokens": 2}).status_code == 200
 
