@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from lit_longctx.checkpoint import load_model
 from lit_longctx.nn import generate, session_for
@@ -110,3 +111,17 @@ def test_request_timeout_cancels_the_work(servers):
     health = wait_until(server, lambda h: h["stats"]["cancelled"] > before["cancelled"] and h["admitted"] == 0)
     assert health["stats"]["active_sessions"] == 0
     assert server.post("/completions", {"prompt": "next", "max_new_tokens": 4}).status_code == 200
+
+
+def test_lolcats_embedding_of_a_long_prompt_equals_the_full_forward(servers):
+    """LoLCATs' session equals one full-sequence forward of its window kind (hybrid_linear docs), so the served
+    embedding of a prompt 6x the training length is the mean of that forward's final hidden states, L2-normalised."""
+    server, model, tok = servers["lolcats_lora"]
+    ids = torch.tensor([tok.encode(TEXT, bos=True)])
+    with torch.no_grad():
+        hidden = model(ids, return_hidden=True).hidden[0]
+    expected = torch.nn.functional.normalize(hidden.double().mean(0), dim=0)
+    body = server.post("/embeddings", {"prompt": TEXT}).json()
+    assert body["prompt_tokens"] == ids.shape[1] > 6 * model.config.max_seq_len
+    torch.testing.assert_close(torch.tensor(body["embedding"], dtype=torch.float64), expected, atol=1e-5, rtol=1e-5)
+    assert server.health()["stats"]["last_session"] == "DecodingSession"
