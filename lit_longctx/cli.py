@@ -35,6 +35,8 @@ subcommands:
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
   evaluate   lm-evaluation-harness tasks through the method's inference path:
                                        lit-longctx evaluate --checkpoint CKPT_OR_HF_DIR --tasks arc_easy,hellaswag
+  serve      serve completions, embeddings and tokens over HTTP (OpenAI-compatible, web page at /):
+                                       lit-longctx serve --checkpoint CKPT_OR_HF_DIR --port 8000
   weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
                                        lit-longctx weight-diff recover --base LLAMA_DIR --diff DIFF_DIR --output OUT
 
@@ -323,6 +325,10 @@ def _evaluate() -> Any:
     from lit_longctx.eval.evaluate import evaluate
 
     return evaluate
+def _serve() -> Any:
+    from lit_longctx.serve import serve
+
+    return serve
 
 
 # The subcommands that are not LightningCLI's: name -> a function returning what jsonargparse's CLI runs (a function
@@ -331,6 +337,7 @@ def _evaluate() -> Any:
 SUBCOMMANDS: dict[str, Callable[[], Any]] = {
     "convert": _convert,
     "generate": lambda: generate_text,
+    "serve": _serve,
     "weight-diff": _weight_diff,
     "evaluate": _evaluate,
 }
