@@ -168,10 +168,12 @@ def convert_from_hf(source: str, output: str, dtype: str | None = None, rope_the
     """
     from lit_longctx.checkpoint import save_checkpoint
     from lit_longctx.hf import from_hf, resolve_hf_path
+    from lit_longctx.io import check_writable
     from lit_longctx.nn.config import parse_dtype
     from lit_longctx.tokenizers import load_tokenizer
 
     path = resolve_hf_path(source)
+    check_writable(Path(output).expanduser().parent, "output directory (--output)")
     overrides = {"rope_theta": rope_theta} if rope_theta is not None else {}
     model = from_hf(path, dtype=parse_dtype(dtype), **overrides)
     tokenizer = None
@@ -191,8 +193,10 @@ def convert_to_hf(checkpoint: str, output: str, dtype: str | None = None) -> Pat
         dtype: write the weights in this dtype; default: as stored.
     """
     from lit_longctx.export import export_hf
+    from lit_longctx.io import check_writable
     from lit_longctx.nn.config import parse_dtype
 
+    check_writable(Path(output).expanduser().parent, "output directory (--output)")
     out = export_hf(checkpoint, output, dtype=parse_dtype(dtype))
     print(f"wrote {out}")
     return out
