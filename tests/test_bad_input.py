@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,15 +48,23 @@ def snapshot(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def lit_longctx(*args: str, cwd: Path | None = None, **popen: object) -> subprocess.Popen:
+def lit_longctx(*args: str) -> subprocess.Popen:
+    """``lit-longctx ARGS`` started in a fresh process; stderr goes to a file (a full pipe would stall the run)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("LIT_LONGCTX_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "lit_longctx.cli", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by finished())
+    proc = subprocess.Popen([sys.executable, "-m", "lit_longctx.cli", *args], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    proc.err_file = err
+    return proc
 
 
 def finished(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=timeout)
+    """(exit status, stderr) of a process started by :func:`lit_longctx`."""
+    proc.wait(timeout=timeout)
+    proc.err_file.seek(0)
+    err = proc.err_file.read()
+    proc.err_file.close()
     return proc.returncode, err
 
 
@@ -293,8 +302,8 @@ def test_ctrl_c_saves_the_current_step_and_the_resumed_run_is_bit_equal(tmp_path
     code, err = finished(lit_longctx(*shlex.split(resume)[1:]))
     assert code == 0, err[-3000:]
     resumed = read_checkpoint(path).state_dict
-    straight = run(*args, "--trainer.default_root_dir", str(tmp_path / "straight"),
-                   "--trainer.callbacks.init_args.dirpath", str(tmp_path / "straight"))
+    straight_config = write_config(tmp_path / "straight.yaml", tmp_path / "straight", corpus)
+    straight = run("fit", "--config", str(straight_config), *args[3:])
     for k, v in straight.model.model.state_dict().items():
         assert torch.equal(resumed[k], v), k
 
