@@ -89,3 +89,19 @@ class RecordWeights(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+
+class PoisonWeights(L.Callback):
+    """Writes NaN into one weight at the end of step ``step`` (after the loss and gradient checks of that step).
+
+    Args:
+        step: the global step after which the weight turns NaN.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.lm_head.weight[0, 0] = float("nan")

@@ -25,6 +25,7 @@ import torch
 
 from lit_longctx.callbacks.safety import NonFiniteGuard
 from lit_longctx.checkpoint import read_checkpoint, save_checkpoint
+from lit_longctx.hf import CheckpointError
 from tests.cli_helpers import REPO, TINY_CONFIG, one_line_error, run
 
 CHECKPOINT = """    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
@@ -179,11 +180,18 @@ def test_command_line_inference_options_win_over_the_checkpoint(fot_checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["lit_longctx.modules.CausalLM", "lit_longctx.modules.Landmark"])
-def test_checkpoint_of_another_method_names_the_class_to_use(trained, fot_checkpoint, module):
+def test_fot_checkpoint_given_to_the_landmark_module_names_the_class_to_use(trained, fot_checkpoint):
     line = untouched_error(trained, "validate", "--config", str(trained / "tiny.yaml"), "--ckpt_path",
-                           str(fot_checkpoint), f"--model.class_path={module}")
+                           str(fot_checkpoint), "--model.class_path=lit_longctx.modules.Landmark")
     assert "method 'fot'" in line and "--model.class_path lit_longctx.modules.FoT" in line
+
+
+@pytest.mark.parametrize("ckpt_path", ["explicit", "last"])
+def test_fot_checkpoint_given_to_causal_lm_is_refused_the_same_way_explicit_or_last(fot_checkpoint, ckpt_path):
+    config = fot_checkpoint.parents[2] / "tiny.yaml"
+    given = str(fot_checkpoint) if ckpt_path == "explicit" else "last"
+    with pytest.raises(CheckpointError, match="method 'fot'.*--model.class_path lit_longctx.modules.FoT"):
+        run("validate", "--config", str(config), "--ckpt_path", given)
 
 
 # ------------------------------------------------------------------------------------------- nothing lost silently
@@ -227,6 +235,18 @@ def test_skip_mode_drops_a_non_finite_step(tmp_path, corpus):
         assert torch.equal(after2[k], after3[k]), k  # the NaN step changed nothing
     assert any(not torch.equal(after3[k], after4[k]) for k in after3)  # training went on
     assert all_finite(tmp_path / "run" / "checkpoints" / "last.ckpt")
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, corpus):
+    from lit_longctx.callbacks.safety import NonFiniteError
+
+    callbacks = "    - class_path: tests.safety_helpers.PoisonWeights\n      init_args: {step: 4}\n"
+    config = write_config(tmp_path / "poison.yaml", tmp_path / "run", corpus, callbacks)
+    with pytest.raises(NonFiniteError, match="step 4: the weights are not finite"):
+        run("fit", "--config", str(config), "--trainer.max_steps=6")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt_step(last) == 2 and all_finite(last)
+    assert not (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt").exists()
 
 
 @pytest.mark.slow
@@ -328,16 +348,21 @@ def test_ckpt_path_may_be_a_run_directory(trained):
 
 
 @pytest.mark.slow
-def test_truncated_or_foreign_ckpt_given_directly(trained, tmp_path):
+def test_truncated_ckpt_given_directly(trained, tmp_path):
     data = (trained / "run" / "checkpoints" / "last.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     line = untouched_error(trained, "validate", "--config", str(trained / "tiny.yaml"), "--ckpt_path",
                            str(tmp_path / "truncated.ckpt"))
     assert "truncated.ckpt" in line and "not a readable checkpoint" in line
+
+
+def test_ckpt_path_to_a_file_that_is_no_checkpoint(trained, tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.ckpt")
-    line = untouched_error(trained, "validate", "--config", str(trained / "tiny.yaml"), "--ckpt_path",
-                           str(tmp_path / "foreign.ckpt"))
-    assert "not a checkpoint written by `lit-longctx fit`" in line
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by `lit-longctx fit`"):
+        run("validate", "--config", str(trained / "tiny.yaml"), "--ckpt_path", str(tmp_path / "foreign.ckpt"))
+    with pytest.raises(CheckpointError, match="notes.ckpt' is not a readable checkpoint"):
+        run("validate", "--config", str(trained / "tiny.yaml"), "--ckpt_path", str(tmp_path / "notes.ckpt"))
 
 
 @pytest.mark.slow

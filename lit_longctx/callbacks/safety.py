@@ -130,11 +130,15 @@ class NonFiniteGuard(L.Callback):
         )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items() if isinstance(v, torch.Tensor)
+               and v.is_floating_point() and not torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all()]
+        found = bool(bad)
+        if trainer.world_size > 1:  # sharded weights: a shard may be bad on one rank only
+            found = trainer.strategy.reduce_boolean_decision(found, all=False)
+        if found:
+            where = f" ({bad[0]}, ...)" if bad else " (on another rank)"
             raise NonFiniteError(
-                f"training stopped at step {trainer.global_step}: the weights are not finite ({bad[0]}, ...), so this "
+                f"training stopped at step {trainer.global_step}: the weights are not finite{where}, so this "
                 "checkpoint is not written and the previous one is kept: lower model.init_args.learning_rate"
             )
 
