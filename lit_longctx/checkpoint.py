@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lit_longctx.hf import CheckpointError, config_from_hf, load_hf_state_dict, load_weights, read_hf_config
+from lit_longctx.io import atomic_write
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.llama import Transformer
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
@@ -101,8 +102,6 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a self-contained lit-longctx checkpoint file (config, weights, tokenizer files, method)."""
-    from lit_longctx.io import atomic_write
-
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_write(path) as f:  # a failed write leaves an existing file at ``path`` intact

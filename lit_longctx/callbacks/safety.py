@@ -88,23 +88,25 @@ class NonFiniteGuard(L.Callback):
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps = 0
         self._consecutive = 0
-        self._bad_loss: float | None = None
+        self._losses: list[torch.Tensor] = []
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        # gradient accumulation: remember any bad micro-batch of this optimizer step
-        if self._bad_loss is None and not torch.isfinite(loss.detach()).all():
-            self._bad_loss = float(loss.detach().float().mean())
+        # kept as tensors (gradient accumulation: every micro-batch of the step); read once per optimizer step
+        self._losses.append(loss.detach().float().mean())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        losses, self._losses = self._losses, []
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        checks = [torch.stack(losses)] if losses else []
+        if self.check_grad_norm and grads and getattr(trainer.precision_plugin, "scaler", None) is None:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).reshape(1).float()  # FSDP2: DTensor
+            checks.append(norm.to(checks[0].device) if checks else norm)
         what = None
-        if self._bad_loss is not None:
-            what = f"the training loss is {self._bad_loss}"
-        elif self.check_grad_norm and grads and getattr(trainer.precision_plugin, "scaler", None) is None:
-            norm = float(torch.nn.utils.get_total_norm(grads))
-            if not math.isfinite(norm):
-                what = f"the gradient norm is {norm}"
-        self._bad_loss = None
+        if checks and not torch.isfinite(torch.cat(checks)).all().item():  # the one host sync of the step
+            bad_loss = [float(v) for v in losses if not math.isfinite(float(v))]
+            what = (f"the training loss is {bad_loss[0]}" if bad_loss
+                    else f"the gradient norm is {float(checks[-1])}")
         bad = what is not None
         if trainer.world_size > 1:  # every rank takes the same decision (a loss can be bad on one rank only)
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
