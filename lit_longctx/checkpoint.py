@@ -12,8 +12,10 @@ Lightning checkpoints, so a checkpoint alone is enough to generate text.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from lit_longctx.hf import CheckpointError, load_weights, read_hf_dir
+from lit_longctx.io import atomic_write
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.llama import Transformer
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
@@ -68,10 +71,23 @@ def tokenizer_to_files(tokenizer: Tokenizer | None) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
 
 
+_UNPACK_ROOT: list[Path] = []
+
+
+def _unpack_directory() -> Path:
+    """A fresh directory for a checkpoint's tokenizer files, inside one per-process directory removed at exit (a
+    sentencepiece tokenizer re-reads its file when it is saved again, so the files live as long as the process)."""
+    if not _UNPACK_ROOT:
+        root = Path(tempfile.mkdtemp(prefix="lit_longctx_tok_"))
+        atexit.register(shutil.rmtree, root, True)
+        _UNPACK_ROOT.append(root)
+    return Path(tempfile.mkdtemp(dir=_UNPACK_ROOT[0]))
+
+
 def tokenizer_from_files(files: dict[str, bytes]) -> Tokenizer | None:
     if not files:
         return None
-    d = Path(tempfile.mkdtemp(prefix="lit_longctx_tok_"))
+    d = _unpack_directory()
     for name, data in files.items():
         (d / Path(name).name).write_bytes(data)
     return load_tokenizer(d)
@@ -87,10 +103,10 @@ def save_checkpoint(
 ) -> Path:
     """Write a self-contained lit-longctx checkpoint file (config, weights, tokenizer files, method)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, "method": method, "model_config": model.config.to_dict(), "state_dict": state,
-                "tokenizer_files": tokenizer_to_files(tokenizer), "extra": extra or {}}, path)
+    with atomic_write(path) as f:  # a failed write leaves an existing file at ``path`` intact
+        torch.save({"format": FORMAT, "method": method, "model_config": model.config.to_dict(), "state_dict": state,
+                    "tokenizer_files": tokenizer_to_files(tokenizer), "extra": extra or {}}, f)
     return path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -51,9 +52,25 @@ def _vocab_size_of(datamodule: Any) -> int | None:
     return getattr(datamodule, "vocab_size", None)
 
 
-def _find_last_checkpoint(root: Path) -> Path | None:
-    found = list(root.rglob("last*.ckpt")) if root.exists() else []
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def _safety_callbacks(subcommand: str) -> list[Any]:
+    """Callbacks every run gets (lit_longctx.callbacks.safety); ``fit`` only, as the others do not train."""
+    from lit_longctx.callbacks.safety import FinalCheckpoint, InterruptCheckpoint, NonFiniteGuard
+
+    return [NonFiniteGuard(), FinalCheckpoint(), InterruptCheckpoint()] if subcommand == "fit" else []
+
+
+def _resume_command(argv: list[str], ckpt_path: str) -> str:
+    """The command line that continues an interrupted ``fit``: the same arguments, ``--ckpt_path`` replaced."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        kept.append(shlex.quote(arg))
+    return " ".join(["lit-longctx", *kept, "--ckpt_path", shlex.quote(ckpt_path)])
 
 
 def _make_cli(args: list[str] | None) -> Any:
@@ -69,36 +86,67 @@ def _make_cli(args: list[str] | None) -> Any:
     from lit_longctx.datamodules.base import LongCtxDataModule
     from lit_longctx.modules.causal_lm import CausalLM
 
+    argv = list(sys.argv[1:] if args is None else args)
+
     class LongCtxCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
             parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=_vocab_size_of,
                                   apply_on="instantiate")
 
-        def _resolve_last(self) -> None:
-            """Resolve ``--ckpt_path last`` to the newest last.ckpt of the run and tell the module what it restores."""
+        def _parse_ckpt_path(self) -> None:
+            """Lightning applies a checkpoint's ``hyper_parameters`` (its ``_class_path`` and init args) over the
+            command line here, so a checkpoint could pick the class to import and silently replace options the user
+            gave. The class and its arguments come from the user's config only; the checkpoint is checked against
+            them in :meth:`_prepare_run` (same for an explicit path and ``last``)."""
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            from lit_longctx.nn.config import ConfigError
+
+            max_steps = config.get("max_steps")
+            if isinstance(max_steps, int) and max_steps < -1:
+                raise ConfigError(f"trainer.max_steps must be >= 0 (or -1 for no limit), got {max_steps}")
+            given = {type(cb) for cb in config.get("callbacks") or []}
+            callbacks = callbacks + [cb for cb in _safety_callbacks(self.subcommand) if type(cb) not in given]
+            try:
+                return super()._instantiate_trainer(config, callbacks)
+            except MisconfigurationException as exc:
+                raise ConfigError(f"invalid trainer settings: {str(exc).splitlines()[0]}") from exc
+
+        def _prepare_run(self) -> None:
+            """Before the run: atomic, weights-only checkpoint IO; writable, exclusively claimed run directories;
+            ``--ckpt_path`` resolved (``last``, a run directory, a URL) and checked against the configured module."""
+            from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+            from lit_longctx.checkpoint_io import AtomicCheckpointIO
+            from lit_longctx.runs import check_run_writable, claim_run_directories, resolve_ckpt_path
+
+            strategy = self.trainer.strategy
+            if type(strategy.checkpoint_io) is TorchCheckpointIO:
+                strategy.checkpoint_io = AtomicCheckpointIO()
+            check_run_writable(self.trainer)
+            claim_run_directories(self.trainer)
             config = self.config_init[self.subcommand]
-            if config.get("ckpt_path") != "last":
-                self.model.ckpt_path_hint = config.get("ckpt_path")
-                return
             roots = [Path(self.trainer.default_root_dir)]
             roots += [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-            found = [p for p in (_find_last_checkpoint(r) for r in roots) if p is not None]
-            if found:
-                config["ckpt_path"] = str(max(found, key=lambda p: p.stat().st_mtime))
-                self.model.ckpt_path_hint = config["ckpt_path"]
-            elif self.subcommand == "fit":
-                print("lit-longctx: no last.ckpt found, starting a new run", file=sys.stderr)
-                config["ckpt_path"] = None
-            else:
-                from lit_longctx.hf import CheckpointError
+            config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), roots, self.subcommand,
+                                                    self.model.method)
+            self.model.ckpt_path_hint = config["ckpt_path"]
 
-                raise CheckpointError(
-                    f"--ckpt_path last: no last.ckpt under {', '.join(str(r) for r in roots)}; train first "
-                    "(lit-longctx fit --config ...) or pass the checkpoint path"
-                )
+        before_fit = before_validate = before_test = before_predict = _prepare_run
 
-        before_fit = before_validate = before_test = before_predict = _resolve_last
+        def _run_subcommand(self, subcommand: str) -> None:
+            from lit_longctx.callbacks.safety import TrainingInterrupted
+
+            try:
+                super()._run_subcommand(subcommand)
+            except TrainingInterrupted as stop:
+                command = _resume_command(argv, str(stop.path))
+                print(f"lit-longctx: training interrupted at step {stop.step}; checkpoint saved to {stop.path}\n"
+                      f"resume with: {command}", file=sys.stderr, flush=True)
+                sys.exit(130)
 
     return LongCtxCLI(
         CausalLM,
@@ -124,10 +172,12 @@ def convert_from_hf(source: str, output: str, dtype: str | None = None, rope_the
     """
     from lit_longctx.checkpoint import save_checkpoint
     from lit_longctx.hf import read_hf_dir, resolve_hf_path
+    from lit_longctx.io import check_writable
     from lit_longctx.nn.config import parse_dtype
     from lit_longctx.tokenizers import load_tokenizer
 
     path = resolve_hf_path(source)
+    check_writable(Path(output).expanduser().parent, "output directory (--output)")
     overrides = {"rope_theta": rope_theta} if rope_theta is not None else {}
     directory = read_hf_dir(path, **overrides)  # the same reader as from_hf, generate and init_from
     model = directory.build(dtype=parse_dtype(dtype))
@@ -148,8 +198,10 @@ def convert_to_hf(checkpoint: str, output: str, dtype: str | None = None) -> Pat
         dtype: write the weights in this dtype; default: as stored.
     """
     from lit_longctx.export import export_hf
+    from lit_longctx.io import check_writable
     from lit_longctx.nn.config import parse_dtype
 
+    check_writable(Path(output).expanduser().parent, "output directory (--output)")
     out = export_hf(checkpoint, output, dtype=parse_dtype(dtype))
     print(f"wrote {out}")
     return out

@@ -140,9 +140,17 @@ class CausalLM(L.LightningModule):
         self.ckpt_path_hint: str | None = None
 
     # -------------------------------------------------------------------------------------------------- config
-    def _resolve_config(self) -> ModelConfig:
+    def _resolve_config(self, restored: ModelConfig | None = None) -> ModelConfig:
+        """The model config: the ``init_from`` checkpoint's (or ``model``), with this module's overrides on top.
+
+        ``restored`` is the config of a checkpoint being resumed or evaluated: it fixes the architecture (and the
+        vocabulary), while the options given in the config or on the command line (``model_overrides``, a method's
+        inference settings such as FoT's ``last_context_length``) still win over the values saved in it.
+        """
         hp = self.hparams
-        if self._init_checkpoint is not None:
+        if restored is not None:
+            config = restored
+        elif self._init_checkpoint is not None:
             config = self._init_checkpoint.model_config
         else:
             model = hp.model
@@ -153,7 +161,9 @@ class CausalLM(L.LightningModule):
         if isinstance(overrides.get("rope"), dict):
             overrides["rope"] = type(config.rope)(**{**config.rope.__dict__, **overrides["rope"]})
         overrides.update(self.model_config_overrides(config))
-        if hp.vocab_size is not None:
+        if restored is not None:  # the restored weights fix the vocabulary
+            overrides.pop("vocab_size", None)
+        if hp.vocab_size is not None and restored is None:
             if self._init_checkpoint is not None and hp.vocab_size > config.vocab_size and not self.allows_vocab_growth:
                 raise ConfigError(
                     f"the data's tokenizer has {hp.vocab_size} tokens but the checkpoint {hp.init_from!r} has only "
@@ -258,7 +268,7 @@ class CausalLM(L.LightningModule):
                 f"{path} is a checkpoint of method {method!r} but this module is {self.method!r}; use "
                 f"--model.class_path {METHODS.get(method, method)}"
             )
-        self.model_config = config
+        self.model_config = self._resolve_config(config)
 
     def _load_init_weights_after_wrap(self) -> None:
         """FSDP1 / DeepSpeed ZeRO-3 shard the model after ``configure_model``: load ``init_from`` weights now."""
@@ -468,7 +478,7 @@ class CausalLM(L.LightningModule):
                 f"the checkpoint is of method {method!r} but this module is {self.method!r}; use --model.class_path "
                 f"{METHODS.get(method, method)}"
             )
-        config = ModelConfig.from_dict(meta["model_config"])
+        config = self._resolve_config(ModelConfig.from_dict(meta["model_config"]))
         if self.model is not None and config != self.model_config:
             if any(type(p).__name__ == "DTensor" for p in self.model.parameters()):
                 raise CheckpointError(

@@ -199,8 +199,20 @@ class FoT(CausalLM):
             return
         if stage == "fit":
             self._check_layout(batch_size, "train")
+            self._check_last_context_length()
         if stage in ("fit", "validate", "test") and self.hparams.eval_cross_batch_range > 0:
             self._check_layout(batch_size, "val")
+
+    def _check_last_context_length(self) -> None:
+        """Inference keeps the last ``last_context_length`` tokens in the local window of W = max_seq_len tokens
+        (FoTSession): a larger value trained into a checkpoint would only fail at evaluation time, so refuse it now."""
+        config = self.model_config
+        lc = config.attention_options.get("fot", {}).get("last_context_length")
+        if lc is not None and int(lc) > config.max_seq_len:
+            raise ConfigError(
+                f"model.init_args.last_context_length={lc} is larger than the local window W = max_seq_len = "
+                f"{config.max_seq_len} it must fit in at inference; lower it to at most {config.max_seq_len}"
+            )
 
     # ---------------------------------------------------------------------------------------------------- steps
     def on_batch_layout(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, Any]:
