@@ -47,9 +47,11 @@ def _vocab_size_of(datamodule: Any) -> int | None:
     return getattr(datamodule, "vocab_size", None)
 
 
-def _find_last_checkpoint(root: Path) -> Path | None:
-    found = list(root.rglob("last*.ckpt")) if root.exists() else []
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def _find_last_checkpoint(*roots: str | Path) -> str | None:
+    """The newest complete last*.ckpt below the run's directories (local or fsspec URLs such as s3://)."""
+    from lit_longctx.storage import newest_last_checkpoint
+
+    return newest_last_checkpoint(*roots)
 
 
 def _make_cli(args: list[str] | None) -> Any:
@@ -73,15 +75,19 @@ def _make_cli(args: list[str] | None) -> Any:
 
         def _resolve_last(self) -> None:
             """Resolve ``--ckpt_path last`` to the newest last.ckpt of the run and tell the module what it restores."""
+            from lit_longctx.storage import check_remote
+
             config = self.config_init[self.subcommand]
+            roots = [str(self.trainer.default_root_dir)]
+            roots += [str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            for root in roots:  # an unusable bucket stops the run before it trains, not at its first save
+                check_remote(root)
             if config.get("ckpt_path") != "last":
                 self.model.ckpt_path_hint = config.get("ckpt_path")
                 return
-            roots = [Path(self.trainer.default_root_dir)]
-            roots += [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-            found = [p for p in (_find_last_checkpoint(r) for r in roots) if p is not None]
+            found = _find_last_checkpoint(*roots)
             if found:
-                config["ckpt_path"] = str(max(found, key=lambda p: p.stat().st_mtime))
+                config["ckpt_path"] = found
                 self.model.ckpt_path_hint = config["ckpt_path"]
             elif self.subcommand == "fit":
                 print("lit-longctx: no last.ckpt found, starting a new run", file=sys.stderr)
@@ -221,8 +227,9 @@ def _user_error(exc: BaseException) -> bool:
     from lit_longctx.hf import CheckpointError
     from lit_longctx.io import NotWritableError
     from lit_longctx.nn.config import ConfigError
+    from lit_longctx.storage import RemoteStorageError
 
-    if isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, NotWritableError)):
+    if isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, NotWritableError, RemoteStorageError)):
         return True
     if isinstance(exc, (ValueError, TypeError, KeyError)):
         frames = traceback.extract_tb(exc.__traceback__)
