@@ -105,3 +105,43 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Sharded checkpoints to an fsspec URL (``s3://...``) are written by DCP's fsspec writer: every rank its own
+        shard object, then ``.metadata`` (DCP writes it after all shards), then ``meta.pt``. Both are removed first
+        when a save replaces a checkpoint, so a save killed half-way never leaves a directory that
+        :func:`lit_longctx.storage.newest_last_checkpoint` counts as complete."""
+        from lit_longctx.storage import filesystem, is_remote
+
+        if not (is_remote(filepath) and self._save_distributed_checkpoint):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+        from torch.distributed.checkpoint import save
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # torch exports it nowhere public
+
+        url = str(self.broadcast(str(filepath))).rstrip("/")
+        fs, path = filesystem(url)
+        if self.global_rank == 0:
+            for name in (_METADATA_FILENAME, ".metadata"):
+                if fs.exists(f"{path}/{name}"):
+                    fs.rm(f"{path}/{name}")
+        self.barrier("remote_checkpoint_cleared")
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        save(state, storage_writer=FsspecWriter(url, single_file_per_rank=True))
+        if self.global_rank == 0:
+            with fs.open(f"{path}/{_METADATA_FILENAME}", "wb") as f:
+                torch.save(checkpoint, f)
+        self.barrier("remote_checkpoint_saved")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A remote checkpoint is copied to the local cache first (each file atomically), then read as usual."""
+        from lit_longctx.storage import is_remote, localize
+
+        path = self.broadcast(str(checkpoint_path))
+        if is_remote(path):
+            if self.local_rank == 0:
+                localize(path)
+            self.barrier("remote_checkpoint_cached")
+            checkpoint_path = localize(path)  # already cached: only compares sizes and ETags
+        return super().load_checkpoint(checkpoint_path, weights_only)
