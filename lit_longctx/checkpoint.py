@@ -189,6 +189,10 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
         else:
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if p.is_dir():
+        if (p / "params.json").exists():  # Meta's original format
+            from lit_longctx.meta import read_meta_checkpoint
+
+            return read_meta_checkpoint(p, with_weights)
         if (p / "config.json").exists():
             return _from_hf_dir(p, with_weights)
         if (p / ".metadata").exists():

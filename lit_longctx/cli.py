@@ -31,6 +31,7 @@ subcommands:
   convert    checkpoints to and from Hugging Face format:
                                        lit-longctx convert from-hf --source HF_DIR --output model.ckpt
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
+                                       lit-longctx convert from-meta --source META_DIR --output model.ckpt
   generate   sample text from a checkpoint or HF directory:
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
   weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
@@ -290,7 +291,9 @@ def run_with_one_line_errors(call: Callable[[], Any]) -> Any:
 
 
 def _convert() -> Any:
-    return {"from-hf": convert_from_hf, "to-hf": convert_to_hf}
+    from lit_longctx.meta import convert_from_meta
+
+    return {"from-hf": convert_from_hf, "from-meta": convert_from_meta, "to-hf": convert_to_hf}
 
 
 def _weight_diff() -> Any:
