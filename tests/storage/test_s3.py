@@ -119,8 +119,8 @@ def test_fsdp2_sharded_checkpoint_round_trips_through_s3(bucket, corpus, tmp_pat
     callbacks = json.dumps([
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": f"{bucket}/run/checkpoints", "save_last": True, "every_n_train_steps": 2}},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",  # the same states, to local disk
-         "init_args": {"dirpath": str(tmp_path / "local"), "save_last": True, "every_n_train_steps": 2}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",  # the final state again, to local disk
+         "init_args": {"dirpath": str(tmp_path / "local"), "save_last": True, "every_n_train_steps": 4}},
     ])
     run_subprocess(["fit", "--config", str(config), "--config", strategy, "--trainer.devices=2",
                     f"--trainer.callbacks={callbacks}"], tmp_path)
@@ -146,14 +146,14 @@ def test_fsdp2_sharded_checkpoint_round_trips_through_s3(bucket, corpus, tmp_pat
 
 @pytest.mark.slow
 def test_a_save_killed_during_its_upload_never_breaks_last(bucket, corpus, tmp_path):
-    """A ~70 MB checkpoint goes up as a multipart upload; SIGKILL while its parts are in flight leaves the previous
+    """A ~130 MB checkpoint goes up as a multipart upload (s3fs uses one from 100 MB); SIGKILL while its parts are in flight leaves the previous
     last.ckpt resolvable and loadable, and a resume from it finishes."""
     import boto3
 
     from lit_longctx.storage import newest_last_checkpoint
 
     config = tiny_config(tmp_path / "remote.yaml", f"{bucket}/run", corpus, tmp_path / "cache")
-    big = ["--model.init_args.model={dim: 384, n_layers: 4, n_heads: 4, n_kv_heads: 4, ffn_dim: 768}",
+    big = ["--model.init_args.model={dim: 512, n_layers: 4, n_heads: 4, n_kv_heads: 4, ffn_dim: 1024}",
            "--trainer.callbacks.init_args.every_n_train_steps=1", "--trainer.max_steps=3",
            "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1"]
     proc = subprocess.Popen([sys.executable, "-m", "lit_longctx.cli", "fit", "--config", str(config), *big],
