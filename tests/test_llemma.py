@@ -27,7 +27,9 @@ def test_global_batch_matches_the_published_layouts_and_refuses_what_does_not_di
     assert tokens_per_step(4096, 256, 2, 16, tensor_parallel=8) == 4_194_304
     assert accumulation_for(4_194_304, 4096, 256, 4, tensor_parallel=2) == 2
     assert accumulation_for(4_194_304, 4096, 256, 2, tensor_parallel=8) == 16
-    assert accumulation_for(4_194_304, 4096, 32, 4) == 8  # 4 nodes instead of 32: 8x the accumulation
+    # the layouts scripts/slurm/train.sbatch documents: 7B on 32 / 16 / 4 nodes of 8 GPUs, 34B on 32 nodes
+    assert [accumulation_for(4_194_304, 4096, nodes * 8, 4) for nodes in (32, 16, 4)] == [1, 2, 8]
+    assert accumulation_for(4_194_304, 4096, 256, 2) == 2
     with pytest.raises(ValueError, match=r"4,194,304 tokens does not divide .* use 3,932,160 or 4,325,376 tokens"):
         accumulation_for(4_194_304, 4096, 24, 4)
     with pytest.raises(ValueError, match="multiple of their product"):
