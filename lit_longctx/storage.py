@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import zipfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -153,6 +155,18 @@ def _is_complete(fs: Any, path: str, info: dict[str, Any]) -> bool:
     return fs.exists(f"{path}/.metadata") and fs.exists(f"{path}/meta.pt")
 
 
+def _local_complete(p: Path) -> bool:
+    """A local checkpoint can be loaded: a distributed-checkpoint directory with its metadata, or a ``torch.save``
+    file whose zip central directory (written last) is there. A file cut short by a kill mid-copy fails the check
+    and is skipped with a warning."""
+    if p.is_dir():
+        return (p / ".metadata").exists() and (p / "meta.pt").exists()
+    if zipfile.is_zipfile(p):
+        return True
+    print(f"lit-longctx: skipping {p}: not a complete checkpoint (a save was interrupted)", file=sys.stderr)
+    return False
+
+
 def _mtime(fs: Any, path: str, info: dict[str, Any]) -> float:
     stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
     if info.get("type") == "directory":  # directories have no time on S3: that of the metadata written last
@@ -167,8 +181,7 @@ def _last_candidates(root: str | os.PathLike) -> list[tuple[float, str]]:
     """(modification time, path) of the complete ``last*.ckpt`` below one root."""
     if not is_remote(root):
         root = Path(root)
-        found = [p for p in root.rglob("last*.ckpt") if not p.is_dir() or
-                 ((p / ".metadata").exists() and (p / "meta.pt").exists())] if root.exists() else []
+        found = [p for p in root.rglob("last*.ckpt") if _local_complete(p)] if root.exists() else []
         return [(p.stat().st_mtime, str(p)) for p in found]
     check_remote(str(root))
     fs, base = filesystem(str(root))

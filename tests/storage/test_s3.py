@@ -146,8 +146,8 @@ def test_fsdp2_sharded_checkpoint_round_trips_through_s3(bucket, corpus, tmp_pat
 
 @pytest.mark.slow
 def test_a_save_killed_during_its_upload_never_breaks_last(bucket, corpus, tmp_path):
-    """A ~130 MB checkpoint goes up as a multipart upload (s3fs uses one from 100 MB); SIGKILL while its parts are in flight leaves the previous
-    last.ckpt resolvable and loadable, and a resume from it finishes."""
+    """A ~130 MB checkpoint goes up as a multipart upload (s3fs uses one from 100 MB); SIGKILL while its parts are in
+    flight leaves the previous last.ckpt resolvable and loadable, and a resume from it finishes."""
     import boto3
 
     from lit_longctx.storage import newest_last_checkpoint
