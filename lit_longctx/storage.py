@@ -185,6 +185,7 @@ def _last_candidates(root: str | os.PathLike) -> list[tuple[float, str]]:
         return [(p.stat().st_mtime, str(p)) for p in found]
     check_remote(str(root))
     fs, base = filesystem(str(root))
+    fs.invalidate_cache(base)  # listings are cached per process; another process may have saved since
     try:
         if not fs.exists(base):
             return []
