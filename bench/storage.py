@@ -11,6 +11,7 @@ multipart). Models: the quickstart config (~4M parameters) and a ~110M-parameter
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -72,6 +73,9 @@ def main() -> None:
     proc, endpoint = _start_moto()
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_ENDPOINT_URL": endpoint,
                        "AWS_DEFAULT_REGION": "us-east-1"})
+    # moto assembles a multipart upload in Python (minutes for 1 GB on a busy CPU): wait for it instead of
+    # retrying after botocore's 60 s read timeout (fsspec reads FSSPEC_S3 when it is imported)
+    os.environ["FSSPEC_S3"] = json.dumps({"config_kwargs": {"read_timeout": 1800, "retries": {"max_attempts": 1}}})
     try:
         import s3fs
         from lightning.pytorch.plugins.io import TorchCheckpointIO
