@@ -14,6 +14,7 @@ Activation checkpointing recomputes each Block in backward (non-reentrant); ``co
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -107,25 +108,28 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Sharded checkpoints to an fsspec URL (``s3://...``) are written by DCP's fsspec writer: every rank its own
-        shard object, then ``.metadata`` (DCP writes it after all shards), then ``meta.pt``. Both are removed first
-        when a save replaces a checkpoint, so a save killed half-way never leaves a directory that
-        :func:`lit_longctx.storage.newest_last_checkpoint` counts as complete."""
+        """A sharded checkpoint is complete once ``.metadata`` (DCP writes it after all shards) and then ``meta.pt``
+        exist; both are removed before a save replaces a checkpoint, so a save killed half-way never leaves a
+        directory that :func:`lit_longctx.storage.newest_last_checkpoint` counts as complete (old metadata over
+        half-new shards). To an fsspec URL (``s3://...``) DCP's fsspec writer puts one shard object per rank."""
+        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+
         from lit_longctx.storage import filesystem, is_remote
 
-        if not (is_remote(filepath) and self._save_distributed_checkpoint):
+        if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
-        from torch.distributed.checkpoint import save
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # torch exports it nowhere public
-
         url = str(self.broadcast(str(filepath))).rstrip("/")
-        fs, path = filesystem(url)
-        if self.global_rank == 0:
+        fs, path = filesystem(url) if is_remote(url) else filesystem(f"file://{Path(url).absolute()}")
+        if self.global_rank == 0 and fs.isdir(path):
             for name in (_METADATA_FILENAME, ".metadata"):
                 if fs.exists(f"{path}/{name}"):
                     fs.rm(f"{path}/{name}")
-        self.barrier("remote_checkpoint_cleared")
+        self.barrier("checkpoint_metadata_cleared")
+        if not is_remote(url):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from torch.distributed.checkpoint import save
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # torch exports it nowhere public
+
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         save(state, storage_writer=FsspecWriter(url, single_file_per_rank=True))
