@@ -55,3 +55,17 @@ def test_a_truncated_last_ckpt_is_skipped_for_an_older_complete_one(tmp_path, ca
     os.utime(good, (1, 1))  # the complete one is older
     assert newest_last_checkpoint(tmp_path / "a", tmp_path / "b") == str(good)
     assert f"skipping {cut}" in capsys.readouterr().err
+
+
+def test_a_sharded_checkpoint_counts_only_with_its_metadata(tmp_path):
+    shards = tmp_path / "b" / "last.ckpt"  # a distributed-checkpoint directory whose save stopped before meta.pt
+    shards.mkdir(parents=True)
+    (shards / "__0_0.distcp").write_bytes(b"shard")
+    (shards / ".metadata").write_bytes(b"metadata")
+    good = tmp_path / "a" / "last.ckpt"
+    good.parent.mkdir()
+    torch.save({"global_step": 1}, good)
+    os.utime(good, (1, 1))
+    assert newest_last_checkpoint(tmp_path) == str(good)
+    (shards / "meta.pt").write_bytes(b"meta")
+    assert newest_last_checkpoint(tmp_path) == str(shards)
