@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 MODELS = {
-    "quickstart (4.6M)": dict(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704),
+    "quickstart": dict(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704),
     "~110M": dict(vocab_size=16000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
 }
 
