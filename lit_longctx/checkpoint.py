@@ -27,6 +27,7 @@ from lit_longctx.hf import CheckpointError, load_weights, read_hf_dir
 from lit_longctx.io import atomic_write
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.llama import Transformer
+from lit_longctx.storage import is_remote, localize_checkpoint
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
 
 FORMAT = "lit-longctx/1"
@@ -173,8 +174,11 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
     """Read any supported checkpoint form (see module docstring) without building a model.
 
     ``with_weights=False`` skips reading the tensors of HF directories (config and tokenizer only); other forms are
-    memory-mapped, so their tensors cost nothing until used.
+    memory-mapped, so their tensors cost nothing until used. Remote URLs (``s3://...``) are copied to a local cache
+    first (:func:`lit_longctx.storage.localize_checkpoint`).
     """
+    if is_remote(path):
+        path = localize_checkpoint(path)
     p = Path(path).expanduser()
     if not p.exists():
         if "/" in str(path) and not str(path).startswith((".", "/")):
@@ -184,6 +188,10 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
         else:
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if p.is_dir():
+        if (p / "params.json").exists():  # Meta's original format
+            from lit_longctx.meta import read_meta_checkpoint
+
+            return read_meta_checkpoint(p, with_weights)
         if (p / "config.json").exists():
             return _from_hf_dir(p, with_weights)
         if (p / ".metadata").exists():
@@ -200,7 +208,7 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
 
 def checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
     """(model config, method) recorded in a checkpoint, read cheaply; None when the path holds no lit-longctx record."""
-    p = Path(path)
+    p = localize_checkpoint(path)
     if p.is_dir() and (p / ".metadata").exists() and (p / "meta.pt").exists():
         meta = _torch_load(p / "meta.pt").get("lit_longctx")
         return (ModelConfig.from_dict(meta["model_config"]), meta.get("method", "causal")) if meta else None

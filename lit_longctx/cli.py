@@ -32,6 +32,7 @@ subcommands:
   convert    checkpoints to and from Hugging Face format:
                                        lit-longctx convert from-hf --source HF_DIR --output model.ckpt
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
+                                       lit-longctx convert from-meta --source META_DIR --output model.ckpt
   generate   sample text from a checkpoint or HF directory (--prompts @FILE: one prompt a line, batched):
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
   evaluate   lm-evaluation-harness tasks through the method's inference path:
@@ -122,15 +123,18 @@ def _make_cli(args: list[str] | None) -> Any:
 
             from lit_longctx.checkpoint_io import AtomicCheckpointIO
             from lit_longctx.runs import check_run_writable, claim_run_directories, resolve_ckpt_path
+            from lit_longctx.storage import check_remote
 
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:
                 strategy.checkpoint_io = AtomicCheckpointIO()
+            config = self.config_init[self.subcommand]
+            roots = [str(self.trainer.default_root_dir)]  # strings: Path would break s3:// URLs
+            roots += [str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            for root in roots:  # an unusable bucket stops the run before it trains, not at its first save
+                check_remote(root)
             check_run_writable(self.trainer)
             claim_run_directories(self.trainer)
-            config = self.config_init[self.subcommand]
-            roots = [Path(self.trainer.default_root_dir)]
-            roots += [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), roots, self.subcommand,
                                                     self.model.method)
             self.model.ckpt_path_hint = config["ckpt_path"]
@@ -302,8 +306,9 @@ def _user_error(exc: BaseException) -> bool:
     from lit_longctx.hf import CheckpointError
     from lit_longctx.io import NotWritableError
     from lit_longctx.nn.config import ConfigError
+    from lit_longctx.storage import RemoteStorageError
 
-    if isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, NotWritableError)):
+    if isinstance(exc, (ConfigError, CheckpointError, FileNotFoundError, NotWritableError, RemoteStorageError)):
         return True
     if isinstance(exc, (ValueError, TypeError, KeyError)):
         frames = traceback.extract_tb(exc.__traceback__)
@@ -364,7 +369,9 @@ def run_with_one_line_errors(call: Callable[[], Any]) -> Any:
 
 
 def _convert() -> Any:
-    return {"from-hf": convert_from_hf, "to-hf": convert_to_hf}
+    from lit_longctx.meta import convert_from_meta
+
+    return {"from-hf": convert_from_hf, "from-meta": convert_from_meta, "to-hf": convert_to_hf}
 
 
 def _weight_diff() -> Any:

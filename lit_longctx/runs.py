@@ -30,10 +30,12 @@ from lit_longctx.io import check_writable
 _VERSIONS_ENV = "LIT_LONGCTX_RUN_VERSIONS"
 
 
-def find_last_checkpoint(root: Path) -> Path | None:
-    """The newest ``last*.ckpt`` below ``root`` (temporary files of unfinished saves start with a dot: not matched)."""
-    found = [p for p in root.rglob("last*.ckpt") if p.is_file()] if root.exists() else []
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def find_last_checkpoint(*roots: str | os.PathLike) -> str | None:
+    """The newest complete ``last*.ckpt`` below any of ``roots``, local or remote (``s3://``): temporary files of
+    unfinished saves start with a dot and are not matched, and a truncated file is skipped (lit_longctx.storage)."""
+    from lit_longctx.storage import newest_last_checkpoint
+
+    return newest_last_checkpoint(*roots)
 
 
 def _download(url: str) -> Path:
@@ -98,19 +100,21 @@ def _method_error(path: Path, found: str, expected: str) -> CheckpointError:
     )
 
 
-def resolve_ckpt_path(ckpt_path: str | None, roots: list[Path], subcommand: str, method: str) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, roots: list[str], subcommand: str, method: str) -> str | None:
     """The local checkpoint ``--ckpt_path`` names, checked (see module docstring); None to start a new run.
 
     Args:
-        ckpt_path: as given: a file, a run directory, ``last``, an ``http(s)://`` URL, or None.
-        roots: where ``last`` looks (the run directory and the checkpoint directories).
+        ckpt_path: as given: a file, a run directory, ``last``, an ``http(s)://`` or fsspec (``s3://``) URL, or None.
+        roots: where ``last`` looks (the run directory and the checkpoint directories; local or ``s3://``).
         subcommand: ``fit`` starts a new run when ``last`` finds nothing; other subcommands need a checkpoint.
         method: the configured module's method tag; a checkpoint of another method is refused.
     """
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
         return ckpt_path  # Lightning's own keywords, resolved by the trainer
+    from lit_longctx.storage import is_remote, localize_checkpoint
+
     if ckpt_path == "last":
-        found = [p for p in (find_last_checkpoint(r) for r in roots) if p is not None]
+        found = find_last_checkpoint(*roots)
         if not found:
             if subcommand == "fit":
                 print("lit-longctx: no last.ckpt found, starting a new run", file=sys.stderr)
@@ -119,9 +123,11 @@ def resolve_ckpt_path(ckpt_path: str | None, roots: list[Path], subcommand: str,
                 f"--ckpt_path last: no last.ckpt under {', '.join(str(r) for r in roots)}; train first "
                 "(lit-longctx fit --config ...) or pass the checkpoint path"
             )
-        path = max(found, key=lambda p: p.stat().st_mtime)
+        path = localize_checkpoint(found)  # a remote one is copied (and read by Lightning from the copy)
     elif ckpt_path.startswith(("http://", "https://")):
         path = _download(ckpt_path)
+    elif is_remote(ckpt_path):
+        path = localize_checkpoint(ckpt_path)  # a run directory there resolves to its newest complete last.ckpt
     else:
         path = Path(ckpt_path).expanduser()
         if not path.exists():
@@ -134,16 +140,19 @@ def resolve_ckpt_path(ckpt_path: str | None, roots: list[Path], subcommand: str,
                     "checkpoint); pass a .ckpt file or the run directory of a `lit-longctx fit`"
                 )
             print(f"lit-longctx: --ckpt_path {ckpt_path}: using {last}", file=sys.stderr)
-            path = last
+            path = Path(last)
     check_checkpoint_file(path, method)
     return str(path)
 
 
 def check_run_writable(trainer: Any) -> None:
     """The directories a run writes (run, checkpoint and log directories) are writable, else NotWritableError."""
-    check_writable(trainer.default_root_dir, "run directory (trainer.default_root_dir)")
+    from lit_longctx.storage import is_remote  # remote stores are checked by storage.check_remote
+
+    if not is_remote(trainer.default_root_dir):
+        check_writable(trainer.default_root_dir, "run directory (trainer.default_root_dir)")
     for cb in trainer.checkpoint_callbacks:
-        if getattr(cb, "dirpath", None):
+        if getattr(cb, "dirpath", None) and not is_remote(cb.dirpath):
             check_writable(cb.dirpath, "checkpoint directory (ModelCheckpoint dirpath)")
     for logger in trainer.loggers:
         save_dir = getattr(logger, "save_dir", None)
@@ -163,7 +172,10 @@ def claim_run_directories(trainer: Any) -> None:
     the first ``mkdir`` wins and the other run takes the next number. Processes launched by rank 0 reuse its
     choice (they inherit it through the environment).
     """
-    loggers = [lg for lg in trainer.loggers if getattr(lg, "_version", 0) is None and hasattr(lg, "root_dir")]
+    from lit_longctx.storage import is_remote  # object stores have no atomic mkdir; Lightning's own numbering there
+
+    loggers = [lg for lg in trainer.loggers
+               if getattr(lg, "_version", 0) is None and hasattr(lg, "root_dir") and not is_remote(lg.root_dir)]
     if not loggers:
         return
     if _is_launched_rank():

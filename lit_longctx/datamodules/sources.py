@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lit_longctx.storage import glob as remote_glob
+from lit_longctx.storage import is_remote, localize
+
 _EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json",
                ".ndjson": "json", ".parquet": "parquet"}
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
@@ -28,7 +31,8 @@ class TextSource:
     """One text source of a mixture.
 
     Args:
-        path: a local file, glob (``data/*.jsonl``) or directory; ``builtin:pydoc``; or ``hf:<dataset>`` for a
+        path: a local file, glob (``data/*.jsonl``) or directory, or the same as an fsspec URL (``s3://b/*.jsonl``,
+            copied to a local cache on first use); ``builtin:pydoc``; or ``hf:<dataset>`` for a
             dataset on the HF hub.
         weight: relative sampling weight; weights are normalised over the sources (Llemma-style mixture).
         format: ``auto`` (from the file extension: .txt/.text/.md/.rst, .json/.jsonl/.ndjson, .parquet, optionally
@@ -99,7 +103,15 @@ def _extension_format(path: Path) -> str | None:
 
 def resolve_files(source: TextSource) -> list[Path]:
     """The files of a local source, sorted: the file, the glob's matches, or a directory's files of known formats."""
-    pattern = str(Path(source.path).expanduser())
+    if is_remote(source.path):  # s3://... : copied to a local cache, since datasets and the token cache read files
+        if glob.has_magic(source.path):
+            files = [localize(url) for url in remote_glob(source.path)]
+            if not files:
+                raise FileNotFoundError(f"no files match {source.path!r}")
+            return files
+        pattern = str(localize(source.path))
+    else:
+        pattern = str(Path(source.path).expanduser())
     path = Path(pattern)
     if glob.has_magic(pattern):
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from lit_longctx.datamodules.base import LongCtxDataModule, SampleStream
 from lit_longctx.nn.loss import IGNORE_INDEX
+from lit_longctx.storage import localize
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
 
 META_FORMAT = "lit-longctx/token-files"
@@ -361,7 +362,7 @@ def open_token_dir(
     data_dir: str | Path, dtype: str = "auto", doc_positions: bool = True
 ) -> tuple[dict[str, TokenSplit], dict[str, Any] | None]:
     """Open ``train.bin`` (required) and ``val.bin`` of ``data_dir`` and check them against ``meta.json``."""
-    data_dir = Path(data_dir).expanduser()
+    data_dir = localize(data_dir)  # s3://...: memmap needs local files, so remote ones are copied to a cache once
     if not data_dir.is_dir():
         parent = data_dir.parent
         seen = sorted(p.name for p in parent.iterdir())[:20] if parent.is_dir() else "(missing too)"
@@ -401,7 +402,8 @@ class TokenFiles(LongCtxDataModule):
     """Pre-tokenized ``train.bin`` / ``val.bin`` token streams (see the module docstring for the layout and rows).
 
     Args:
-        data_dir: directory holding ``train.bin`` and optionally ``val.bin``, ``<split>.docs.npy``, ``meta.json``.
+        data_dir: directory (or ``s3://`` URL, copied to a local cache) holding ``train.bin`` and optionally
+            ``val.bin``, ``<split>.docs.npy``, ``meta.json``.
         tokenizer: tokenizer path or ``byte``; default: the one meta.json records.
         seq_len: tokens per training row (T).
         batch_size: rows per batch on each device (B).
@@ -429,7 +431,7 @@ class TokenFiles(LongCtxDataModule):
             raise ValueError(f"unknown train_order {train_order!r}: use random, shuffled or sequential")
         if dtype not in ("auto", "uint16", "uint32"):
             raise ValueError(f"unknown dtype {dtype!r}: use auto, uint16 or uint32")
-        self.data_dir = Path(data_dir).expanduser()
+        self.data_dir = localize(data_dir)
         self.train_order = train_order
         self.doc_positions = doc_positions
         self.dtype = dtype

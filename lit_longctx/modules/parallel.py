@@ -14,6 +14,7 @@ Activation checkpointing recomputes each Block in backward (non-reentrant); ``co
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -105,3 +106,46 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """A sharded checkpoint is complete once ``.metadata`` (DCP writes it after all shards) and then ``meta.pt``
+        exist; both are removed before a save replaces a checkpoint, so a save killed half-way never leaves a
+        directory that :func:`lit_longctx.storage.newest_last_checkpoint` counts as complete (old metadata over
+        half-new shards). To an fsspec URL (``s3://...``) DCP's fsspec writer puts one shard object per rank."""
+        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+
+        from lit_longctx.storage import filesystem, is_remote
+
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        url = str(self.broadcast(str(filepath))).rstrip("/")
+        fs, path = filesystem(url) if is_remote(url) else filesystem(f"file://{Path(url).absolute()}")
+        if self.global_rank == 0 and fs.isdir(path):
+            for name in (_METADATA_FILENAME, ".metadata"):
+                if fs.exists(f"{path}/{name}"):
+                    fs.rm(f"{path}/{name}")
+        self.barrier("checkpoint_metadata_cleared")
+        if not is_remote(url):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from torch.distributed.checkpoint import save
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # torch exports it nowhere public
+
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        save(state, storage_writer=FsspecWriter(url, single_file_per_rank=True))
+        if self.global_rank == 0:
+            with fs.open(f"{path}/{_METADATA_FILENAME}", "wb") as f:
+                torch.save(checkpoint, f)
+        self.barrier("remote_checkpoint_saved")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A remote checkpoint is copied to the local cache first (each file atomically), then read as usual."""
+        from lit_longctx.storage import is_remote, localize
+
+        path = self.broadcast(str(checkpoint_path))
+        if is_remote(path):
+            if self.local_rank == 0:
+                localize(path)
+            self.barrier("remote_checkpoint_cached")
+            checkpoint_path = localize(path)  # already cached: only compares sizes and ETags
+        return super().load_checkpoint(checkpoint_path, weights_only)
