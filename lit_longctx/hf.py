@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Collection
 from pathlib import Path
@@ -155,6 +156,14 @@ def _load_file(f: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(f))
         return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(f"cannot read weights file {str(f)!r} (UnpicklingError: {err}): it is corrupt or "
+                                  "truncated; download or export it again") from err
+        raise CheckpointError(
+            f"weights file {str(f)!r} holds Python objects besides tensors and is refused: lit-longctx reads weights "
+            "only and never runs code from a checkpoint; save it as safetensors with a tool you trust"
+        ) from err
     except Exception as err:  # safetensors, pickle and zip errors have many types; all mean the file is unreadable
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
