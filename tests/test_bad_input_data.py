@@ -228,5 +228,17 @@ def test_single_text_file_says_at_start_up_that_there_is_no_validation(work):
     proc = lit(fit(work, f"--data.init_args.sources=[{work / 'one.txt'}]"), work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no validation set" in proc.stderr and "sample_by: paragraph" in proc.stderr, proc.stderr[-3000:]
-    split = lit(fit(work, f"--data.init_args.sources=[{{path: {work / 'one.txt'}, sample_by: paragraph}}]"), work)
-    assert split.returncode == 0 and "no validation set" not in split.stderr, split.stderr[-3000:]
+
+
+def test_single_text_file_split_by_paragraph_has_validation(work, capsys):
+    from lit_longctx.datamodules import TextData, TextSource
+
+    docs = [json.loads(line)["text"] for line in (work / "corpus.jsonl").read_text().splitlines()]
+    (work / "one.txt").write_text("\n\n".join(docs))
+    one = TextData([str(work / "one.txt")], tokenizer="byte", seq_len=32, cache_dir=str(work / "cache"))
+    one.setup()
+    assert one.val_dataset() is None and "no validation set" in capsys.readouterr().err
+    split = TextData([TextSource(str(work / "one.txt"), sample_by="paragraph")], tokenizer="byte", seq_len=32,
+                     cache_dir=str(work / "cache"))
+    split.setup()
+    assert len(split.val_dataset()) > 0 and "no validation set" not in capsys.readouterr().err
