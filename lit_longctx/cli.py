@@ -260,16 +260,16 @@ def summarize_parse_error(message: str) -> str:
     """One line from jsonargparse's nested union report: the key path and the innermost problem (a ConfigError's
     message when the report quotes one, e.g. ``n_heads`` not dividing ``dim``)."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
-    where = f"{'.'.join(keys)}: " if keys else ""
+    prefix = f"invalid configuration {'.'.join(keys)}: " if keys else "invalid configuration: "
     quoted = _config_error_in_report(message)
     if quoted is not None:
-        return f"invalid configuration {where}{quoted}"
+        return prefix + quoted
     lines = [line for line in message.splitlines() if line.strip()]
     problems = [line for line in lines if any(m in line for m in _PROBLEM_MARKERS)]
     if not problems:
         return " ".join(line.strip() for line in lines[:2])
     deepest = max(problems, key=lambda line: len(line) - len(line.lstrip()))
-    return f"invalid configuration {where}{deepest.strip().lstrip('- ')} (see --print_config for the valid keys)"
+    return f"{prefix}{deepest.strip().lstrip('- ')} (see --print_config for the valid keys)"
 
 
 def _config_files(argv: list[str]) -> list[Path]:

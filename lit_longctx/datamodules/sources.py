@@ -257,9 +257,9 @@ def load_documents(source: TextSource, cache_dir: str | Path | None = None) -> S
         files = resolve_files(source)
         fmt = source_format(source, files)
         if all(_is_blank(p) for p in files):
-            shown = [str(p) for p in files[:3]]
-            raise ValueError(f"text source {source.label!r} is empty: {shown}{' ...' if len(files) > 3 else ''} hold "
-                             "no documents; add text or remove the source from data.init_args.sources")
+            which = "the file holds" if len(files) == 1 else f"all {len(files)} files hold"
+            raise ValueError(f"text source {source.label!r} is empty ({which} no text): add documents, or remove it "
+                             "from data.init_args.sources")
         kwargs = {"sample_by": source.sample_by} if fmt == "text" else {}
         try:
             dataset = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache,

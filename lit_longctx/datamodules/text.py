@@ -299,8 +299,8 @@ class TextData(LongCtxDataModule):
     def prepare_data(self) -> None:
         """Train the tokenizer and tokenize every source, unless cached."""
         if self._token_dirs is None:
+            dirs = [self.token_dir(i) for i in range(len(self.sources))]  # checks the sources first
             self._check_cache_dir()
-            dirs = [self.token_dir(i) for i in range(len(self.sources))]
             for i, directory in enumerate(dirs):
                 self._tokenize_source(i, directory)
             self._token_dirs = dirs
