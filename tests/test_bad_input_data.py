@@ -242,3 +242,17 @@ def test_single_text_file_split_by_paragraph_has_validation(work, capsys):
                      cache_dir=str(work / "cache"))
     split.setup()
     assert len(split.val_dataset()) > 0 and "no validation set" not in capsys.readouterr().err
+
+
+def test_union_reports_show_config_errors_but_not_bugs():
+    from lit_longctx.cli import _one_line
+    from lit_longctx.nn.config import ConfigError, ModelConfig
+
+    def report(problem: str) -> ValueError:
+        return ValueError("Does not validate against any of the Union subtypes\nSubtypes: [str, ModelConfig]\n"
+                          f"Errors:\n  - Expected a <class 'str'>\n  - {problem}\nGiven value: Namespace(dim=32)")
+
+    with pytest.raises(ConfigError) as raised:
+        ModelConfig(dim=32, n_heads=5)
+    assert _one_line(report(str(raised.value)), []) == f"invalid configuration: {raised.value}"
+    assert _one_line(report("'NoneType' object has no attribute 'shape'"), []) is None  # a bug keeps its traceback

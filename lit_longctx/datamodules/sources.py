@@ -212,7 +212,7 @@ def _bad_json_line(path: Path) -> str | None:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    return f"{str(path)!r} line {number}: {err.msg} (column {err.colno})"
+                    return f"{str(path)!r} line {number}, column {err.colno}: {err.msg}"
                 if not isinstance(record, dict):
                     return f"{str(path)!r} line {number}: a JSON {type(record).__name__}, not an object"
         except UnicodeDecodeError as err:
