@@ -65,9 +65,9 @@ def nearest_match(path: str | os.PathLike) -> str:
     close = difflib.get_close_matches(missing, names, n=1, cutoff=0.6)
     if close:
         return f"did you mean {str(root / close[0]) if base is not None else close[0]!r}?"
-    where = str(root) if base is not None else "the current directory"
+    where = repr(str(root)) if base is not None else "the current directory"
     shown = f"{names[:12]}{' and more' if len(names) > 12 else ''}" if names else "nothing"
-    return f"{missing!r} is not in {where!r}, which holds {shown}"
+    return f"{missing!r} is not in {where}, which holds {shown}"
 
 
 def not_found(path: str | os.PathLike, what: str, fix: str = "") -> FileNotFoundError:
