@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,17 @@ def test_union_reports_show_config_errors_but_not_bugs():
         ModelConfig(dim=32, n_heads=5)
     assert _one_line(report(str(raised.value)), []) == f"invalid configuration: {raised.value}"
     assert _one_line(report("'NoneType' object has no attribute 'shape'"), []) is None  # a bug keeps its traceback
+
+
+@pytest.mark.parametrize(("arg", "value", "words"), [
+    ("learning_rate", float("nan"), "must be a finite number"), ("weight_decay", -0.1, "is negative"),
+    ("eps", -1e-8, "is negative"), ("betas", (0.9, 1.0), "two numbers in [0, 1)"),
+    ("warmup_steps", -5, "is negative"), ("min_lr_ratio", 1.5, "must be in [0, 1]"),
+    ("cosine_cycles", 0.0, "must be positive"), ("decay_steps", 0, "positive number of steps"),
+])
+def test_optimizer_arguments_are_checked_before_anything_is_built(arg, value, words):
+    from lit_longctx.modules import CausalLM
+    from lit_longctx.nn.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"model\.init_args\.{arg}=.*{re.escape(words)}"):
+        CausalLM(model={"dim": 32, "n_layers": 1, "n_heads": 4, "ffn_dim": 64, "vocab_size": 64}, **{arg: value})
