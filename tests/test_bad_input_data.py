@@ -172,7 +172,7 @@ def test_corrupt_tokenizer_json(work):
     assert "tokenizer.json" in err and "cannot be read" in err, err
 
 
-@pytest.mark.parametrize("how", ["init_from", "convert"])
+@pytest.mark.parametrize("how", [pytest.param("init_from", marks=pytest.mark.slow), "convert"])
 def test_corrupt_safetensors_in_hf_dir(work, how):
     hf = tiny_hf(work / "hf")
     weights = hf / "model.safetensors"
@@ -184,7 +184,7 @@ def test_corrupt_safetensors_in_hf_dir(work, how):
     assert not (work / "out.ckpt").exists()
 
 
-@pytest.mark.parametrize("how", ["init_from", "convert"])
+@pytest.mark.parametrize("how", [pytest.param("init_from", marks=pytest.mark.slow), "convert"])
 def test_corrupt_config_json_in_hf_dir(work, how):
     hf = tiny_hf(work / "hf")
     (hf / "config.json").write_text('{\n  "model_type": "llama",\n  "hidden_size": 32,\n')
@@ -223,6 +223,7 @@ def test_too_short_data_names_the_option(work):
     assert "seq_len+1 = 100001" in err and "data.init_args.seq_len" in err, err
 
 
+@pytest.mark.slow
 def test_single_text_file_says_at_start_up_that_there_is_no_validation(work):
     docs = [json.loads(line)["text"] for line in (work / "corpus.jsonl").read_text().splitlines()]
     (work / "one.txt").write_text("\n\n".join(docs))
