@@ -222,3 +222,13 @@ def test_file_of_unknown_type(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match="cannot tell the tokenizer type of .*vocab.txt"):
         load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_failed_training_keeps_the_previous_model(corpus, tmp_path):
+    first = train_sentencepiece([corpus], tmp_path / "sp", vocab_size=1000)
+    before = (tmp_path / "sp.model").read_bytes()
+    with pytest.raises(RuntimeError, match="Vocabulary size"):  # far more pieces than the text has
+        train_sentencepiece([corpus], tmp_path / "sp", vocab_size=500_000)
+    assert (tmp_path / "sp.model").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.model", "sp.vocab"]  # no temporary directory left
+    assert load_tokenizer(tmp_path / "sp.model").encode("hello") == first.encode("hello")
