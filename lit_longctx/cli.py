@@ -273,14 +273,12 @@ def summarize_parse_error(message: str) -> str:
 
 
 def _config_files(argv: list[str]) -> list[Path]:
-    """The YAML files named on a command line: ``--config F``/``--config=F`` and any argument value ending in .yaml."""
+    """The YAML files named on a command line (``--config F``, ``--config=F``, ``--data F.yaml``), in order."""
     files = []
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
-        if arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-        if value.endswith((".yaml", ".yml")) and Path(value).is_file() and Path(value) not in files:
-            files.append(Path(value))
+    for arg in argv:
+        value = Path(arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg)
+        if value.suffix in (".yaml", ".yml") and value.is_file() and value not in files:
+            files.append(value)
     return files
 
 
