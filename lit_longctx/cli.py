@@ -318,6 +318,7 @@ def _user_error(exc: BaseException) -> bool:
 
 _PROBLEM_MARKERS = ("is not accepted", "Got value", "not expected", "unrecognized", "required", "Not a valid",
                     "does not exist", "Unable to")
+_UNION_REPORT = "Does not validate against any of the Union subtypes"
 
 
 def _find_user_error(exc: BaseException) -> BaseException | None:
@@ -332,16 +333,70 @@ def _find_user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _config_error_in_report(message: str) -> str | None:
+    """The message of a :class:`ConfigError` that jsonargparse's union report quotes as text (see ConfigError)."""
+    from lit_longctx.nn.config import ConfigError
+
+    items = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip().startswith("- ")]
+    raised = set(ConfigError.raised)
+    return next((item for item in reversed(items) if item in raised), None)
+
+
 def summarize_parse_error(message: str) -> str:
-    """One line from jsonargparse's nested union report: the key path and the innermost problem."""
-    lines = [line for line in message.splitlines() if line.strip()]
+    """One line from jsonargparse's nested union report: the key path and the innermost problem (a ConfigError's
+    message when the report quotes one, e.g. ``n_heads`` not dividing ``dim``)."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
+    prefix = f"invalid configuration {'.'.join(keys)}: " if keys else "invalid configuration: "
+    quoted = _config_error_in_report(message)
+    if quoted is not None:
+        return prefix + quoted
+    lines = [line for line in message.splitlines() if line.strip()]
     problems = [line for line in lines if any(m in line for m in _PROBLEM_MARKERS)]
     if not problems:
         return " ".join(line.strip() for line in lines[:2])
     deepest = max(problems, key=lambda line: len(line) - len(line.lstrip()))
-    where = f"{'.'.join(keys)}: " if keys else ""
-    return f"invalid configuration {where}{deepest.strip().lstrip('- ')} (see --print_config for the valid keys)"
+    return f"{prefix}{deepest.strip().lstrip('- ')} (see --print_config for the valid keys)"
+
+
+def _config_files(argv: list[str]) -> list[Path]:
+    """The YAML files named on a command line (``--config F``, ``--config=F``, ``--data F.yaml``), in order."""
+    files = []
+    for arg in argv:
+        value = Path(arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg)
+        if value.suffix in (".yaml", ".yml") and value.is_file() and value not in files:
+            files.append(value)
+    return files
+
+
+def _yaml_syntax_error(argv: list[str]) -> str | None:
+    """"FILE line L, column C: PROBLEM" for the first YAML file on the command line that does not parse: jsonargparse
+    names the file as "<unicode string>"."""
+    import yaml
+
+    for f in _config_files(argv):
+        try:
+            yaml.safe_load(f.read_text(encoding="utf-8", errors="replace"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"YAML syntax error in {str(f)!r}{at}: {problem}; fix the file (indentation, a ':', a bracket)"
+    return None
+
+
+def _one_line(exc: BaseException, argv: list[str]) -> str | None:
+    """The ``error:`` line for ``exc``, or None when it is not a user error (a bug: shown with its traceback)."""
+    if isinstance(exc, argparse.ArgumentError):
+        message = str(exc)
+        if "Problems parsing config" in message or "<unicode string>" in message:
+            return _yaml_syntax_error(argv) or summarize_parse_error(message)
+        return summarize_parse_error(message)
+    cause = _find_user_error(exc)
+    if cause is not None:
+        return str(cause)
+    if _UNION_REPORT in str(exc) and _config_error_in_report(str(exc)) is not None:
+        return summarize_parse_error(str(exc))
+    return None
 
 
 def _run_jsonargparse(components: Any, args: list[str], prog: str) -> Any:
@@ -350,21 +405,17 @@ def _run_jsonargparse(components: Any, args: list[str], prog: str) -> Any:
     return CLI(components, args=args, prog=prog, as_positional=False)
 
 
-def run_with_one_line_errors(call: Callable[[], Any]) -> Any:
+def run_with_one_line_errors(call: Callable[[], Any], argv: list[str] | None = None) -> Any:
     """``call()``; a user error (bad argument, missing file, wrong checkpoint, ...) ends the process with one ``error:``
-    line and exit status 2 instead of a traceback (``LIT_LONGCTX_DEBUG=1`` shows the traceback)."""
+    line and exit status 2 instead of a traceback (``LIT_LONGCTX_DEBUG=1`` shows the traceback). ``argv``, the
+    command line, lets a YAML syntax error name its file."""
     try:
         return call()
-    except argparse.ArgumentError as exc:
-        if os.environ.get("LIT_LONGCTX_DEBUG"):
-            raise
-        print(f"error: {summarize_parse_error(str(exc))}", file=sys.stderr)
-        sys.exit(2)
     except Exception as exc:
-        cause = _find_user_error(exc)
-        if os.environ.get("LIT_LONGCTX_DEBUG") or cause is None:
+        line = None if os.environ.get("LIT_LONGCTX_DEBUG") else _one_line(exc, list(argv or []))
+        if line is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -415,7 +466,7 @@ def main(argv: list[str] | None = None) -> Any:
     if not argv or argv[0] in ("-h", "--help"):
         print(TOP_HELP)
         return None if argv else sys.exit(2)
-    return run_with_one_line_errors(lambda: _dispatch(argv, explicit))
+    return run_with_one_line_errors(lambda: _dispatch(argv, explicit), argv)
 
 
 def console_main() -> None:

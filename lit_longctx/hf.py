@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -25,13 +26,13 @@ from typing import Any
 
 import torch
 
+from lit_longctx.inputs import hub_allowed, looks_local, nearest_match, not_found, read_json
 from lit_longctx.nn.attention import hf_config_layout
 from lit_longctx.nn.config import ModelConfig, RopeConfig
 from lit_longctx.nn.llama import Transformer
 
 LLAMA_MODEL_TYPES = ("llama", "longllama")
 _IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|rope\.freqs)$")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class CheckpointError(ValueError):
@@ -115,26 +116,30 @@ def config_to_hf(config: ModelConfig, extra: dict[str, Any] | None = None) -> di
 
 # ------------------------------------------------------------------------------------------------------ weights
 def resolve_hf_path(path: str | os.PathLike) -> Path:
-    """A local directory as is; an ``org/name`` hub id downloaded (config, weights, tokenizer) when reachable."""
+    """A local directory as is; a clear ``org/name`` hub id downloaded (config, weights, tokenizer) when the hub is
+    allowed. A path that looks local (see :func:`lit_longctx.inputs.looks_local`) and does not exist is "not found"
+    with the nearest existing match, and is never sent to the hub."""
     p = Path(path).expanduser()
     if p.exists():
         if not p.is_dir():
             raise CheckpointError(f"{str(p)!r} is a file; an HF checkpoint is a directory with config.json")
         return p
-    if not _HUB_ID.match(str(path)):
-        raise FileNotFoundError(f"HF checkpoint directory {str(path)!r} does not exist")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(
-            f"{str(path)!r} is not a local directory and HF_HUB_OFFLINE=1 forbids downloading it; download it first "
-            "(huggingface-cli download) and pass the directory"
-        )
+    if looks_local(path):
+        raise not_found(path, "HF checkpoint directory", "give a directory holding config.json and the weights")
+    if not hub_allowed():
+        raise not_found(path, "HF checkpoint", "it is no local directory and HF_HUB_OFFLINE forbids downloading it "
+                        "from the hub; download it first (huggingface-cli download) and pass the directory")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer.model"]
     try:
         return Path(snapshot_download(str(path), allow_patterns=patterns))
     except Exception as e:  # network errors come in many types; report them all the same way
-        raise FileNotFoundError(f"could not download {str(path)!r} from the Hugging Face hub: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"{str(path)!r} is no local path ({nearest_match(path)}) and could not be downloaded from the Hugging Face "
+            f"hub ({first}): check the spelling, or download it first and pass the directory"
+        ) from e
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -142,15 +147,37 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not f.exists():
         found = sorted(x.name for x in Path(path).iterdir())[:20] if Path(path).is_dir() else []
         raise CheckpointError(f"{str(path)!r} has no config.json, so it is not an HF checkpoint (found {found})")
-    return json.loads(f.read_text())
+    try:
+        config = read_json(f, "HF config")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(config).__name__}, not the object of an HF config; replace it")
+    return config
 
 
 def _load_file(f: Path) -> dict[str, torch.Tensor]:
-    if f.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of one weights file; an unreadable one (truncated download, wrong format) is a CheckpointError."""
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(f))
-    return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            return load_file(str(f))
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(f"cannot read weights file {str(f)!r} (UnpicklingError: {err}): it is corrupt or "
+                                  "truncated; download or export it again") from err
+        raise CheckpointError(
+            f"weights file {str(f)!r} holds Python objects besides tensors and is refused: lit-longctx reads weights "
+            "only and never runs code from a checkpoint; save it as safetensors with a tool you trust"
+        ) from err
+    except Exception as err:  # safetensors, pickle and zip errors have many types; all mean the file is unreadable
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read weights file {str(f)!r} ({type(err).__name__}: {first}): it is corrupt, truncated or not a "
+            f"{'safetensors' if f.suffix == '.safetensors' else 'PyTorch'} file; download or export it again"
+        ) from err
 
 
 def load_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -159,7 +186,11 @@ def load_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            data = read_json(index, "weight index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no weight_map: the index is corrupt; download or export it again")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (path / s).exists()]
             if missing:
                 raise CheckpointError(f"{index} lists shards that are missing: {missing}")

@@ -14,10 +14,15 @@ HF's ``added_tokens.json``; they are control tokens, never produced by ``encode`
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from lit_longctx.inputs import not_found, read_json
+from lit_longctx.io import atomic_write_bytes, atomic_write_text
 
 
 class Tokenizer:
@@ -84,7 +89,7 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self._save(directory)
         if self.added:
-            (directory / "added_tokens.json").write_text(json.dumps(self.added, indent=2))
+            atomic_write_text(directory / "added_tokens.json", json.dumps(self.added, indent=2))
         return directory
 
     def describe(self) -> dict[str, Any]:
@@ -118,7 +123,7 @@ class ByteTokenizer(Tokenizer):
         return {"<s>": 256, "</s>": 257, "<pad>": 258}.get(piece)
 
     def _save(self, directory: Path) -> None:
-        (directory / "tokenizer_config.json").write_text(json.dumps({"lit_longctx_tokenizer": "byte"}, indent=2))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps({"lit_longctx_tokenizer": "byte"}, indent=2))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -131,7 +136,13 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = Path(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as err:
+            raise ValueError(
+                f"tokenizer file {str(self.path)!r} is not a sentencepiece model ({_reason(err)}): it is corrupt or "
+                "truncated; replace it (or give a tokenizer.json, or 'byte')"
+            ) from None
         self.bos_id, self.eos_id, self.pad_id = (
             None if i < 0 else i for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
         )
@@ -153,7 +164,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _save(self, directory: Path) -> None:
         target = directory / "tokenizer.model"
         if target.resolve() != self.path.resolve():
-            shutil.copyfile(self.path, target)
+            atomic_write_bytes(target, self.path.read_bytes())
         piece = self.sp.id_to_piece
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
                   "legacy": True, "model_max_length": 1_000_000_000}
@@ -161,7 +172,7 @@ class SentencePieceTokenizer(Tokenizer):
                         ("unk_token", self.sp.unk_id())):
             if i is not None and i >= 0:
                 config[name] = piece(i)
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
 class HFTokenizer(Tokenizer):
@@ -176,12 +187,20 @@ class HFTokenizer(Tokenizer):
         path = Path(path)
         self.dir = path if path.is_dir() else path.parent
         self.file = path / "tokenizer.json" if path.is_dir() else path
-        self.tok = _Tok.from_file(str(self.file))
+        try:
+            self.tok = _Tok.from_file(str(self.file))
+        except Exception as err:  # the tokenizers library raises a bare Exception for unparsable files
+            raise ValueError(
+                f"tokenizer file {str(self.file)!r} cannot be read ({_reason(err)}): it is corrupt, truncated or "
+                "not a Hugging Face tokenizer.json; replace it"
+            ) from None
         specials = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             f = self.dir / name
             if f.exists():
-                specials.update({k: v for k, v in json.loads(f.read_text()).items() if k.endswith("_token")})
+                entries = read_json(f, "tokenizer file")
+                if isinstance(entries, dict):
+                    specials.update({k: v for k, v in entries.items() if k.endswith("_token")})
 
         def ident(key: str) -> int | None:
             value = specials.get(key)
@@ -208,7 +227,16 @@ class HFTokenizer(Tokenizer):
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             src = self.dir / name if name != "tokenizer.json" else self.file
             if src.exists() and (directory / name).resolve() != src.resolve():
-                shutil.copyfile(src, directory / name)
+                atomic_write_bytes(directory / name, src.read_bytes())
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
+def _is_byte_config(config: Any) -> bool:
+    return isinstance(config, dict) and config.get("lit_longctx_tokenizer") == "byte"
 
 
 def load_tokenizer(spec: str | Path | Tokenizer | None) -> Tokenizer:
@@ -219,17 +247,15 @@ def load_tokenizer(spec: str | Path | Tokenizer | None) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
-            f"tokenizer {str(spec)!r} not found: give a sentencepiece .model file, a tokenizer.json, a directory "
-            "holding one of them, or 'byte' for the file-free byte-level tokenizer"
-        )
+        raise not_found(spec, "tokenizer", "give a sentencepiece .model file, a tokenizer.json, a directory holding "
+                        "one of them, or 'byte' for the file-free byte-level tokenizer")
     if path.is_dir():
         config = path / "tokenizer_config.json"
         if (path / "tokenizer.model").exists():
             tok: Tokenizer = SentencePieceTokenizer(path / "tokenizer.model")
         elif (path / "tokenizer.json").exists():
             tok = HFTokenizer(path)
-        elif config.exists() and json.loads(config.read_text()).get("lit_longctx_tokenizer") == "byte":
+        elif config.exists() and _is_byte_config(read_json(config, "tokenizer file")):
             tok = ByteTokenizer()
         else:
             found = sorted(p.name for p in path.iterdir())[:20]
@@ -239,7 +265,10 @@ def load_tokenizer(spec: str | Path | Tokenizer | None) -> Tokenizer:
             )
         added = path / "added_tokens.json"
         if added.exists():
-            for piece, i in sorted(json.loads(added.read_text()).items(), key=lambda kv: kv[1]):
+            entries = read_json(added, "tokenizer file")
+            if not isinstance(entries, dict):
+                raise ValueError(f"{added} must map token strings to ids; replace it")
+            for piece, i in sorted(entries.items(), key=lambda kv: kv[1]):
                 if tok.token_to_id(piece) is None:
                     if i != tok.vocab_size:
                         raise ValueError(f"{added}: token {piece!r} has id {i}, expected the next free id "
@@ -262,10 +291,24 @@ def train_sentencepiece(
     trained from scratch). As in LLaMA's tokenizer, text is not normalised (no NFKC, whitespace kept, so code keeps
     its indentation) and unknown characters fall back to bytes, so any text round-trips exactly.
     """
-    import sentencepiece as spm
-
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    # sentencepiece writes <prefix>.model in place: train beside it and rename, so a failed or killed run never leaves
+    # a truncated model under the final name
+    scratch = Path(tempfile.mkdtemp(prefix=f".{model_prefix.name}.", suffix=".tmp", dir=model_prefix.parent))
+    try:
+        _train_sentencepiece(text_files, scratch / model_prefix.name, vocab_size, model_type)
+        for suffix in (".vocab", ".model"):
+            os.replace(scratch / f"{model_prefix.name}{suffix}", f"{model_prefix}{suffix}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return SentencePieceTokenizer(f"{model_prefix}.model")
+
+
+def _train_sentencepiece(text_files: Sequence[str | Path], model_prefix: Path, vocab_size: int,
+                         model_type: str) -> None:
+    import sentencepiece as spm
+
     spm.SentencePieceTrainer.train(
         input=",".join(str(f) for f in text_files),
         model_prefix=str(model_prefix),
@@ -283,4 +326,3 @@ def train_sentencepiece(
         num_threads=2,
         minloglevel=2,
     )
-    return SentencePieceTokenizer(model_prefix.with_suffix(".model"))

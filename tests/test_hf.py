@@ -27,6 +27,7 @@ from lit_longctx.hf import (
     from_hf,
     load_hf_state_dict,
     load_weights,
+    resolve_hf_path,
     to_hf,
 )
 from lit_longctx.nn import ConfigError, ModelConfig, RopeConfig, Transformer
@@ -163,8 +164,10 @@ def test_bin_files_are_loaded_with_weights_only(tmp_path):
     state = dict(hf_model(config).state_dict())
     state["model.norm.weight"] = _NotATensor()
     write_bin_checkpoint(tmp_path / "bin", config, state)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(CheckpointError, match="holds Python objects besides tensors and is refused") as refused:
         from_hf(tmp_path / "bin")
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
+    assert "Weights only load failed" in str(refused.value.__cause__)
 
 
 # ---------------------------------------------------------------------------------- export read by transformers
@@ -312,14 +315,14 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
 
 
 def test_missing_path_file_path_and_offline_hub_id(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="HF checkpoint directory '.*nowhere' does not exist"):
+    with pytest.raises(FileNotFoundError, match="HF checkpoint directory '.*nowhere' not found"):
         from_hf(tmp_path / "nowhere")
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="is a file; an HF checkpoint is a directory with config.json"):
         from_hf(tmp_path / "model.safetensors")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="'meta-llama/Llama-2-7b-hf' is not a local directory and "
-                                                "HF_HUB_OFFLINE=1 forbids downloading it"):
+    with pytest.raises(FileNotFoundError, match="'meta-llama/Llama-2-7b-hf' not found .* it is no local directory "
+                                                "and HF_HUB_OFFLINE forbids downloading it"):
         from_hf("meta-llama/Llama-2-7b-hf")
 
 
@@ -330,3 +333,41 @@ def test_unsupported_activation_and_rope_type():
     with pytest.raises(ConfigError, match="rope_type='longrope' is not supported"):
         config_from_hf({**hf, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0],
                                                   "long_factor": [1.0], "original_max_position_embeddings": 16}})
+
+
+def test_local_looking_paths_never_reach_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    for local in ("runs/quickstrt", "./x", "~/nowhere-at-all", "a/b/c", "org/model.safetensors"):
+        with pytest.raises(FileNotFoundError, match="not found"):
+            resolve_hf_path(local)
+    with pytest.raises(FileNotFoundError, match="did you mean 'runs/quickstart'"):
+        resolve_hf_path("runs/quickstrt")
+    assert asked == []
+    assert resolve_hf_path("meta-llama/Llama-2-7b-hf") == tmp_path and asked == ["meta-llama/Llama-2-7b-hf"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE forbids"):
+        resolve_hf_path("meta-llama/Llama-2-7b-hf")
+    assert asked == ["meta-llama/Llama-2-7b-hf"]
+
+
+def test_corrupt_weights_config_and_index_are_checkpoint_errors(tmp_path):
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=64))
+    to_hf(model, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read weights file '.*model.safetensors' .*corrupt, truncated"):
+        from_hf(tmp_path / "hf")
+    weights.write_bytes(good)
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",\n "vocab_size": 64,\n')
+    with pytest.raises(CheckpointError, match=r"config.json' is not valid JSON \(line 3, column 1"):
+        from_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="JSON list, not the object of an HF config"):
+        from_hf(tmp_path / "hf")

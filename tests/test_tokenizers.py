@@ -194,8 +194,21 @@ def test_byte_tokenizer_round_trip_and_save(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- bad input
 def test_missing_tokenizer_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"tokenizer '.*nope.model' not found: give a sentencepiece .model"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer '.*nope.model' not found \(.*\); give a sentencepiece"):
         load_tokenizer(tmp_path / "nope.model")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"did you mean '.*/tokenizer.model'\?"):
+        load_tokenizer(tmp_path / "tokenizr.model")
+
+
+def test_corrupt_tokenizer_files_name_the_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x03abc" + b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"tokenizer.model' is not a sentencepiece model .*corrupt"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match=r"tokenizer.json' cannot be read .*corrupt"):
+        load_tokenizer(tmp_path)
 
 
 def test_directory_without_tokenizer(tmp_path):
@@ -209,3 +222,13 @@ def test_file_of_unknown_type(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match="cannot tell the tokenizer type of .*vocab.txt"):
         load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_failed_training_keeps_the_previous_model(corpus, tmp_path):
+    first = train_sentencepiece([corpus], tmp_path / "sp", vocab_size=1000)
+    before = (tmp_path / "sp.model").read_bytes()
+    with pytest.raises(RuntimeError, match="Vocabulary size"):  # far more pieces than the text has
+        train_sentencepiece([corpus], tmp_path / "sp", vocab_size=500_000)
+    assert (tmp_path / "sp.model").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.model", "sp.vocab"]  # no temporary directory left
+    assert load_tokenizer(tmp_path / "sp.model").encode("hello") == first.encode("hello")

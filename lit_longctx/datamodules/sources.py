@@ -9,12 +9,14 @@ CPython; each topic one document), enough for a CPU quickstart.
 from __future__ import annotations
 
 import glob
+import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lit_longctx.nn.config import ConfigError
 from lit_longctx.storage import glob as remote_glob
 from lit_longctx.storage import is_remote, localize
 
@@ -53,12 +55,13 @@ class TextSource:
     split: str = "train"
 
     def __post_init__(self) -> None:
+        # ConfigError (a ValueError): the CLI builds sources while trying ``str | TextSource``, see ConfigError
         if self.format not in FORMATS:
-            raise ValueError(f"unknown source format {self.format!r} for {self.path!r}: use one of {FORMATS}")
+            raise ConfigError(f"unknown source format {self.format!r} for {self.path!r}: use one of {FORMATS}")
         if self.sample_by not in ("document", "paragraph", "line"):
-            raise ValueError(f"unknown sample_by {self.sample_by!r}: use document, paragraph or line")
+            raise ConfigError(f"unknown sample_by {self.sample_by!r}: use document, paragraph or line")
         if not self.weight >= 0:
-            raise ValueError(f"source {self.path!r} has weight {self.weight}: weights must be >= 0")
+            raise ConfigError(f"source {self.path!r} has weight {self.weight}: weights must be >= 0")
 
     @property
     def label(self) -> str:
@@ -192,6 +195,56 @@ class _Column:
                 yield text or ""
 
 
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds no text at all (empty, or only whitespace in its first and only 64 KiB)."""
+    size = path.stat().st_size
+    if size > 65536:
+        return False
+    return not path.read_bytes().strip()
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """"FILE line N: PROBLEM" for the first line of a JSON-lines file that is not a JSON object (None if all are, or the
+    whole file is one JSON document)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()[:1]
+    if path.suffix.lower() == ".json" and head == b"[":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            where = f"line {err.lineno}: {err.msg}" if isinstance(err, json.JSONDecodeError) else str(err)
+            return f"{str(path)!r} {where}"
+        return None
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{str(path)!r} line {number}, column {err.colno}: {err.msg}"
+                if not isinstance(record, dict):
+                    return f"{str(path)!r} line {number}: a JSON {type(record).__name__}, not an object"
+        except UnicodeDecodeError as err:
+            return f"{str(path)!r}: not UTF-8 text ({err.reason} at byte {err.start})"
+    return None
+
+
+def _unreadable(source: TextSource, fmt: str, files: Sequence[Path], err: Exception) -> ValueError:
+    """A one-line error for a local source that ``datasets`` cannot read, naming the file (and line) at fault."""
+    if fmt == "json":
+        for path in files:
+            bad = _bad_json_line(path)
+            if bad is not None:
+                return ValueError(f"text source {source.label!r} is not valid JSON lines: {bad}; fix or remove that "
+                                  "line (each line must be one JSON object)")
+    cause = err.__cause__ or err
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ValueError(f"cannot read text source {source.label!r} as {fmt} ({type(cause).__name__}: {first}): check "
+                      "the files, or set format= on the source")
+
+
 def load_documents(source: TextSource, cache_dir: str | Path | None = None) -> Sequence[str] | _Column:
     """The documents of a source, in a fixed order, as a sized iterable of strings."""
     if source.path.startswith(BUILTIN_PREFIX):
@@ -214,9 +267,16 @@ def load_documents(source: TextSource, cache_dir: str | Path | None = None) -> S
     else:
         files = resolve_files(source)
         fmt = source_format(source, files)
+        if all(_is_blank(p) for p in files):
+            which = "the file holds" if len(files) == 1 else f"all {len(files)} files hold"
+            raise ValueError(f"text source {source.label!r} is empty ({which} no text): add documents, or remove it "
+                             "from data.init_args.sources")
         kwargs = {"sample_by": source.sample_by} if fmt == "text" else {}
-        dataset = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache,
-                                        **kwargs)
+        try:
+            dataset = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", cache_dir=cache,
+                                            **kwargs)
+        except Exception as err:  # datasets wraps parse errors of every format in DatasetGenerationError
+            raise _unreadable(source, fmt, files, err) from err
         if fmt == "text":
             field = "text"  # the text builder's only column
     if field not in dataset.column_names:

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 from filelock import FileLock
 from torch.utils.data import ConcatDataset, Dataset
 
-from lit_longctx.datamodules.base import LongCtxDataModule, SampleStream
+from lit_longctx.datamodules.base import LongCtxDataModule, SampleStream, distributed_rank
 from lit_longctx.datamodules.sources import TextSource, as_source, load_documents, source_identity
 from lit_longctx.datamodules.token_files import (
     TokenFileWriter,
@@ -46,6 +45,7 @@ from lit_longctx.datamodules.token_files import (
     open_token_dir,
     write_meta,
 )
+from lit_longctx.io import atomic_directory, check_writable
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 
 CACHE_VERSION = 1
@@ -253,38 +253,41 @@ class TextData(LongCtxDataModule):
         mask = held_out(len(docs), self.val_fraction, self.val_docs, self.sources[index].label)
         return (text for i, text in enumerate(docs) if not mask[i] and text.strip())
 
+    def _check_cache_dir(self) -> None:
+        check_writable(self.cache_dir, "data.init_args.cache_dir (where tokenizers and token files are cached)")
+
     def _prepare_tokenizer(self) -> None:
+        self._check_cache_dir()
         target = Path(self.tokenizer_path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
             if (target / "tokenizer.model").exists():
                 return
-            tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            budget = self.tokenizer_sample_chars // len(self.sources)
-            with open(tmp / "corpus.txt", "w", encoding="utf-8") as corpus:
-                for i, source in enumerate(self.sources):
-                    used = 0
-                    for text in self._training_documents(i, load_documents(source, self.cache_dir / "hf")):
-                        if used >= budget:
-                            break
-                        text = text[: budget - used]
-                        corpus.write(text if text.endswith("\n") else text + "\n")
-                        used += len(text)
-            try:
-                tok = train_sentencepiece([tmp / "corpus.txt"], tmp / "tokenizer", self.train_tokenizer)
-            except RuntimeError as err:
-                shutil.rmtree(tmp, ignore_errors=True)
-                message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                raise ValueError(
-                    f"training a {self.train_tokenizer}-piece sentencepiece tokenizer failed ({message}): choose "
-                    "another train_tokenizer size or add text"
-                ) from err
-            tok.save(tmp)
-            for name in ("corpus.txt", "tokenizer.vocab"):
-                (tmp / name).unlink(missing_ok=True)
-            os.replace(tmp, target)
+            with atomic_directory(target) as tmp:
+                self._train_tokenizer_into(tmp)
+
+    def _train_tokenizer_into(self, tmp: Path) -> None:
+        budget = self.tokenizer_sample_chars // len(self.sources)
+        with open(tmp / "corpus.txt", "w", encoding="utf-8") as corpus:
+            for i, source in enumerate(self.sources):
+                used = 0
+                for text in self._training_documents(i, load_documents(source, self.cache_dir / "hf")):
+                    if used >= budget:
+                        break
+                    text = text[: budget - used]
+                    corpus.write(text if text.endswith("\n") else text + "\n")
+                    used += len(text)
+        try:
+            tok = train_sentencepiece([tmp / "corpus.txt"], tmp / "tokenizer", self.train_tokenizer)
+        except RuntimeError as err:
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"training a {self.train_tokenizer}-piece sentencepiece tokenizer failed ({message}): choose "
+                "another train_tokenizer size or add text"
+            ) from err
+        tok.save(tmp)
+        for name in ("corpus.txt", "tokenizer.vocab"):
+            (tmp / name).unlink(missing_ok=True)
 
     # --- tokenized cache
     def token_dir(self, index: int) -> Path:
@@ -296,7 +299,8 @@ class TextData(LongCtxDataModule):
     def prepare_data(self) -> None:
         """Train the tokenizer and tokenize every source, unless cached."""
         if self._token_dirs is None:
-            dirs = [self.token_dir(i) for i in range(len(self.sources))]
+            dirs = [self.token_dir(i) for i in range(len(self.sources))]  # checks the sources first
+            self._check_cache_dir()
             for i, directory in enumerate(dirs):
                 self._tokenize_source(i, directory)
             self._token_dirs = dirs
@@ -306,29 +310,28 @@ class TextData(LongCtxDataModule):
         with FileLock(str(target) + ".lock"):
             if (target / "meta.json").exists():
                 return
-            source, tok = self.sources[index], self.tokenizer
-            docs = load_documents(source, self.cache_dir / "hf")
-            mask = held_out(len(docs), self.val_fraction, self.val_docs, source.label)
-            tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            bos, eos = tok.bos_id is not None, tok.eos_id is not None
-            writers = {"train": TokenFileWriter(tmp / "train.bin", tok.vocab_size),
-                       "val": TokenFileWriter(tmp / "val.bin", tok.vocab_size)}
-            for i, text in enumerate(docs):
-                if text.strip():
-                    writers["val" if mask[i] else "train"].add(tok.encode(text, bos=bos, eos=eos))
-            entries = {name: writer.close() for name, writer in writers.items()}
-            if entries["train"]["num_tokens"] == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ValueError(f"source {source.label!r} has no training text ({len(docs)} documents, all empty "
-                                 "or held out): check the source, its text_field, or the validation split")
-            if entries["val"]["num_tokens"] == 0:
-                (tmp / "val.bin").unlink()
-                del entries["val"]
-            write_meta(tmp, tok.vocab_size, writers["train"].dtype, tok, entries,
-                       source=self.source_identities[index], split=self._split_config())
-            os.replace(tmp, target)
+            with atomic_directory(target) as tmp:
+                self._write_tokens(index, tmp)
+
+    def _write_tokens(self, index: int, tmp: Path) -> None:
+        source, tok = self.sources[index], self.tokenizer
+        docs = load_documents(source, self.cache_dir / "hf")
+        mask = held_out(len(docs), self.val_fraction, self.val_docs, source.label)
+        bos, eos = tok.bos_id is not None, tok.eos_id is not None
+        writers = {"train": TokenFileWriter(tmp / "train.bin", tok.vocab_size),
+                   "val": TokenFileWriter(tmp / "val.bin", tok.vocab_size)}
+        for i, text in enumerate(docs):
+            if text.strip():
+                writers["val" if mask[i] else "train"].add(tok.encode(text, bos=bos, eos=eos))
+        entries = {name: writer.close() for name, writer in writers.items()}
+        if entries["train"]["num_tokens"] == 0:
+            raise ValueError(f"source {source.label!r} has no training text ({len(docs)} documents, all empty "
+                             "or held out): check the source, its text_field, or the validation split")
+        if entries["val"]["num_tokens"] == 0:
+            (tmp / "val.bin").unlink()
+            del entries["val"]
+        write_meta(tmp, tok.vocab_size, writers["train"].dtype, tok, entries,
+                   source=self.source_identities[index], split=self._split_config())
 
     def setup(self, stage: str | None = None) -> None:
         self.open()
@@ -343,16 +346,36 @@ class TextData(LongCtxDataModule):
                 if source.weight > 0 and opened["train"].num_tokens < self.seq_len + 1:
                     raise ValueError(
                         f"source {source.label!r} has {opened['train'].num_tokens} training tokens, fewer than one "
-                        f"row of seq_len+1 = {self.seq_len + 1}: lower seq_len, add text, or give it weight 0"
+                        f"row of seq_len+1 = {self.seq_len + 1}: lower seq_len (data.init_args.seq_len), add text, "
+                        "or give it weight 0"
                     )
                 splits.append(opened)
                 metas.append(meta)
             self._splits, self._metas = splits, metas
+            self._say_if_no_validation()
             top, vocab = self.max_token_id, self.vocab_size
             if top is not None and top >= vocab:
                 raise ValueError(f"the tokenized cache holds id {top} but the vocabulary has {vocab} ids: delete "
                                  f"{self.cache_dir / 'tokens'} and prepare again")
         return self._splits
+
+    def _say_if_no_validation(self) -> None:
+        """Say at start-up when validation was asked for but no source holds any out: a single text file read with
+        ``sample_by: document`` is one document, and one document is never split (Lightning would only warn later
+        that there is no validation loop)."""
+        wants = self.val_docs > 0 if self.val_docs is not None else self.val_fraction > 0
+        if not wants or any("val" in s for s in self._splits) or distributed_rank()[0] != 0:
+            return
+        single = [s for s, m in zip(self.sources, self._metas) if m["splits"]["train"].get("num_docs") == 1]
+        if single:
+            s = single[0]
+            why = (f"source {s.label!r} is a single document (sample_by: {s.sample_by}), and a document is never "
+                   "split; set sample_by: paragraph or line on it (--data.init_args.sources="
+                   f"'[{{path: {s.path}, sample_by: paragraph}}]') to hold out part of it")
+        else:
+            why = "no source has a held-out document with text; add documents or raise val_fraction / val_docs"
+        print(f"lit-longctx: warning: no validation set: {why}, or set data.init_args.val_fraction=0 to train "
+              "without validation", file=sys.stderr)
 
     def train_stream(self) -> MixtureStream:
         order = "shuffled" if self.shuffle else "sequential"

@@ -9,9 +9,10 @@ Layout of a ``data_dir``::
     meta.json          {"format", "version", "dtype", "vocab_size", "tokenizer": {...},
                         "splits": {"train": {"num_tokens", "max_token_id", "num_docs"}, ...}}
 
-Files written by ALLaMo itself (no sidecar) read as uint16, or as ``dtype=uint32`` when asked. ALLaMo's README wrote
-uint32 files that its loaders read as uint16, and its loaders cast to int16; the sidecar and the vocabulary check
-here make both mistakes an error instead of silent garbage.
+Files written by ALLaMo itself (no sidecar) are read as ``dtype=uint16`` or ``uint32`` when asked; with
+``dtype=auto`` the dtype is inferred from the file and the vocabulary (:func:`infer_dtype`) and said on stderr.
+ALLaMo's README wrote uint32 files that its loaders read as uint16, and its loaders cast to int16; the sidecar, the
+inference and the vocabulary check here make both mistakes an error (or a stated choice) instead of silent garbage.
 
 Training rows are windows of T+1 tokens ``s[i : i+T+1]``: inputs ``s[i : i+T]``, aligned labels ``s[i+1 : i+T+1]``.
 ``train_order`` picks the windows: ``random`` starts ``i ~ U[0, n-T-1]`` drawn from ``(seed, epoch, index)`` (ALLaMo's
@@ -30,6 +31,7 @@ positions stay below T).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +41,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lit_longctx.datamodules.base import LongCtxDataModule, SampleStream
+from lit_longctx.inputs import not_found
+from lit_longctx.io import atomic_write, atomic_write_text
 from lit_longctx.nn.loss import IGNORE_INDEX
 from lit_longctx.storage import localize
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
@@ -94,8 +98,9 @@ class TokenFileWriter:
         self.doc_starts: list[int] = []
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        # written under a temporary name and renamed by close(): a failed write leaves the previous file intact
+        self._writing = atomic_write(self.path, "wb")
+        self._file = self._writing.__enter__()
 
     @property
     def docs_path(self) -> Path:
@@ -129,10 +134,11 @@ class TokenFileWriter:
     def close(self) -> dict[str, Any]:
         """Finish the file (and its document starts); returns this split's meta.json entry."""
         self._flush()
-        self._file.close()
+        self._writing.__exit__(None, None, None)
         docs_file = None
         if self.documents and self.doc_starts:
-            np.save(self.docs_path, np.asarray(self.doc_starts, dtype=np.int64))
+            with atomic_write(self.docs_path) as f:
+                np.save(f, np.asarray(self.doc_starts, dtype=np.int64))
             docs_file = self.docs_path.name
         return {
             "file": self.path.name,
@@ -145,9 +151,13 @@ class TokenFileWriter:
     def __enter__(self) -> TokenFileWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if not self._file.closed:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self._file.closed:
+            return
+        if exc is None:
             self.close()
+        else:  # drop the temporary file; the previous one (if any) stays
+            self._writing.__exit__(exc_type, exc, tb)
 
 
 def write_meta(
@@ -157,9 +167,7 @@ def write_meta(
     """Write ``meta.json`` for split entries returned by :meth:`TokenFileWriter.close`."""
     meta = {"format": META_FORMAT, "version": META_VERSION, "dtype": str(np.dtype(dtype)), "vocab_size": vocab_size,
             "tokenizer": tokenizer_record(tokenizer), "splits": dict(splits), **extra}
-    path = Path(data_dir) / "meta.json"
-    path.write_text(json.dumps(meta, indent=2))
-    return path
+    return atomic_write_text(Path(data_dir) / "meta.json", json.dumps(meta, indent=2))
 
 
 def write_token_files(
@@ -358,30 +366,66 @@ def read_meta(data_dir: str | Path) -> dict[str, Any] | None:
     return meta
 
 
+def infer_dtype(path: Path, vocab_size: int) -> tuple[str, str]:
+    """The token dtype of a file without ``meta.json``, and why: ``uint32`` when the file read as uint32 holds only ids
+    of the vocabulary, else ``uint16``.
+
+    Why this is safe: a uint32 file of ids below 65536 read as uint16 has a 0 at every odd position, so read as
+    uint32 a real uint16 file keeps all its ids below ``vocab_size`` only if every other token is 0 (or, for a
+    vocabulary above 65536, which uint16 files cannot hold, at most 1). Files too short to tell are refused.
+    """
+    size = path.stat().st_size
+    if size % 4:
+        return "uint16", f"its {size} bytes are not a multiple of 4"
+    wide = np.memmap(path, dtype="<u4", mode="r") if size else np.zeros(0, dtype="<u4")
+    if len(wide) < 16:
+        raise ValueError(
+            f"{path} has no meta.json and only {size} bytes, too few to tell uint16 from uint32 tokens: set "
+            "data.init_args.dtype to uint16 or uint32"
+        )
+    step = 1 << 24
+    top = max(int(wide[i:i + step].max()) for i in range(0, len(wide), step))
+    if top < vocab_size:
+        return "uint32", f"read as uint32 all its ids are below the vocabulary size {vocab_size}"
+    return "uint16", f"read as uint32 it would hold id {top}, beyond the vocabulary size {vocab_size}"
+
+
 def open_token_dir(
-    data_dir: str | Path, dtype: str = "auto", doc_positions: bool = True
+    data_dir: str | Path, dtype: str = "auto", doc_positions: bool = True, vocab_size: int | None = None
 ) -> tuple[dict[str, TokenSplit], dict[str, Any] | None]:
-    """Open ``train.bin`` (required) and ``val.bin`` of ``data_dir`` and check them against ``meta.json``."""
+    """Open ``train.bin`` (required) and ``val.bin`` of ``data_dir`` and check them against ``meta.json``.
+
+    Without ``meta.json`` and with ``dtype="auto"``, the dtype is inferred from ``train.bin`` and ``vocab_size``
+    (:func:`infer_dtype`, and said on stderr); without ``vocab_size`` too, it is refused.
+    """
     data_dir = localize(data_dir)  # s3://...: memmap needs local files, so remote ones are copied to a cache once
     if not data_dir.is_dir():
-        parent = data_dir.parent
-        seen = sorted(p.name for p in parent.iterdir())[:20] if parent.is_dir() else "(missing too)"
-        raise FileNotFoundError(
-            f"data_dir {str(data_dir)!r} does not exist (scanned {str(parent)!r}: {seen}): point data_dir at a "
-            "directory holding train.bin"
-        )
+        raise not_found(data_dir, "data_dir", "point data.init_args.data_dir at a directory holding train.bin")
     meta = read_meta(data_dir)
     if meta is not None and dtype != "auto" and dtype != meta["dtype"]:
         raise ValueError(
             f"dtype={dtype} but {data_dir / 'meta.json'} says the files hold {meta['dtype']}: use dtype=auto"
         )
-    file_dtype = np.dtype(meta["dtype"] if meta is not None else ("uint16" if dtype == "auto" else dtype))
     if not (data_dir / "train.bin").exists():
         seen = sorted(p.name for p in data_dir.iterdir())[:20]
         raise FileNotFoundError(
             f"no train.bin in {str(data_dir)!r} (scanned it: {seen}); expected train.bin, optionally val.bin, "
             "<split>.docs.npy and meta.json: write them with write_token_files() or use TextData for raw text"
         )
+    if meta is not None:
+        file_dtype = np.dtype(meta["dtype"])
+    elif dtype != "auto":
+        file_dtype = np.dtype(dtype)
+    elif vocab_size is None:
+        raise ValueError(
+            f"{data_dir / 'train.bin'} has no meta.json saying its token dtype: set data.init_args.dtype to uint16 "
+            "or uint32"
+        )
+    else:
+        inferred, why = infer_dtype(data_dir / "train.bin", vocab_size)
+        print(f"lit-longctx: {data_dir / 'train.bin'} has no meta.json; reading it as {inferred} tokens ({why}); set "
+              f"data.init_args.dtype={inferred} to say so", file=sys.stderr)
+        file_dtype = np.dtype(inferred)
     splits = {}
     for name in ("train", "val"):
         path = data_dir / f"{name}.bin"
@@ -411,7 +455,8 @@ class TokenFiles(LongCtxDataModule):
         seed: seeds the training order.
         train_order: ``random`` windows, or non-overlapping windows in ``shuffled`` or ``sequential`` order.
         doc_positions: restart position ids at document starts when ``<split>.docs.npy`` exists.
-        dtype: token dtype of the files; ``auto`` reads meta.json (uint16 without one, as ALLaMo writes).
+        dtype: token dtype of the files; ``auto`` reads meta.json, or without one infers it from the file and the
+            vocabulary (uint32 only when every id read so fits it) and says which.
     """
 
     def __init__(
@@ -481,12 +526,14 @@ class TokenFiles(LongCtxDataModule):
     def open(self) -> dict[str, TokenSplit]:
         """Open and check the token files (idempotent)."""
         if self._splits is None:
-            splits, _ = open_token_dir(self.data_dir, self.dtype, self.doc_positions)
+            raw = self.data_dir.is_dir() and self.meta is None and self.dtype == "auto"
+            vocab = self.vocab_size if raw else None
+            splits, _ = open_token_dir(self.data_dir, self.dtype, self.doc_positions, vocab)
             train = splits["train"]
             if train.num_tokens < self.seq_len + 1:
                 raise ValueError(
                     f"{train.path} holds {train.num_tokens} tokens, fewer than one training row of seq_len+1 = "
-                    f"{self.seq_len + 1}: lower seq_len or add data"
+                    f"{self.seq_len + 1}: lower seq_len (data.init_args.seq_len) or add data"
                 )
             self._splits = splits
             vocab, top = self.vocab_size, self.max_token_id

@@ -60,6 +60,42 @@ def lr_factor(
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(2 * math.pi * cosine_cycles * progress))
 
 
+def check_optimizer_args(
+    *, learning_rate: float, weight_decay: float, betas: tuple[float, float], eps: float, warmup_steps: float,
+    min_lr_ratio: float, cosine_cycles: float, decay_steps: int | None, lr_schedule: str,
+) -> None:
+    """Refuse optimizer and schedule settings AdamW or the schedule cannot use, before anything is built (torch would
+    raise only at the first step, and a NaN learning rate would train silently)."""
+    key = "model.init_args."
+
+    def finite(name: str, value: float) -> None:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}{name}={value!r} must be a finite number")
+
+    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay), ("eps", eps),
+                        ("warmup_steps", warmup_steps), ("min_lr_ratio", min_lr_ratio),
+                        ("cosine_cycles", cosine_cycles)):
+        finite(name, value)
+    if learning_rate < 0:
+        raise ConfigError(f"{key}learning_rate={learning_rate} is negative; give the peak learning rate, e.g. 3e-4")
+    if weight_decay < 0:
+        raise ConfigError(f"{key}weight_decay={weight_decay} is negative; use 0 for none or e.g. 0.1")
+    if eps < 0:
+        raise ConfigError(f"{key}eps={eps} is negative; AdamW's epsilon is small and positive, e.g. 1e-8")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"{key}betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if warmup_steps < 0:
+        raise ConfigError(f"{key}warmup_steps={warmup_steps} is negative; use 0 for no warm-up")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ConfigError(f"{key}min_lr_ratio={min_lr_ratio} must be in [0, 1] (the final fraction of the peak "
+                          "learning rate)")
+    if cosine_cycles <= 0 and lr_schedule == "cosine":
+        raise ConfigError(f"{key}cosine_cycles={cosine_cycles} must be positive (0.5 is the half cosine)")
+    if decay_steps is not None and decay_steps < 1:
+        raise ConfigError(f"{key}decay_steps={decay_steps} must be a positive number of steps, or null for "
+                          "trainer.max_steps")
+
+
 class CausalLM(L.LightningModule):
     """Next-token training of a LLaMA-family model.
 
@@ -120,6 +156,9 @@ class CausalLM(L.LightningModule):
         generation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer_args(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps,
+                             warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, cosine_cycles=cosine_cycles,
+                             decay_steps=decay_steps, lr_schedule=lr_schedule)
         self.save_hyperparameters()
         if isinstance(model, ModelConfig):  # keep checkpoints free of custom classes (weights_only loading)
             self.hparams["model"] = model.to_dict()

@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 RopeType = Literal["none", "default", "linear", "dynamic", "yarn", "llama3"]
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which and how to fix it."""
+    """A configuration value is wrong; the message says which and how to fix it.
+
+    Each message is also kept in :attr:`raised`: jsonargparse reports an error raised while it tries the alternatives
+    of a ``Union`` (``str | ModelConfig``, ``str | TextSource``) as text only, dropping the exception, so the CLI finds
+    the user's problem in that text by these messages (and never mistakes a bug's message for one).
+    """
+
+    raised: ClassVar[deque[str]] = deque(maxlen=64)
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        ConfigError.raised.append(str(self))
 
 
 _DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",

@@ -178,7 +178,7 @@ def test_raw_allamo_files_without_sidecar(tmp_path):
 
 def test_missing_files_list_what_was_scanned(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match=r"does not exist \(scanned .*'notes.txt'"):
+    with pytest.raises(FileNotFoundError, match=r"'.*nope' not found \('nope' is not in .*\['notes.txt'\]"):
         TokenFiles(str(tmp_path / "nope"), tokenizer="byte").setup()
     with pytest.raises(FileNotFoundError, match=r"no train.bin in .*\['notes.txt'\].*expected train.bin"):
         TokenFiles(str(tmp_path), tokenizer="byte").setup()
