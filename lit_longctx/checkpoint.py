@@ -181,12 +181,13 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
         path = localize_checkpoint(path)
     p = Path(path).expanduser()
     if not p.exists():
-        if "/" in str(path) and not str(path).startswith((".", "/")):
-            from lit_longctx.hf import resolve_hf_path
+        from lit_longctx.inputs import looks_local, not_found
 
-            p = resolve_hf_path(path)
-        else:
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        if looks_local(path):  # never sent to the hub: "not found", with the nearest existing match
+            raise not_found(path, "checkpoint", "give a checkpoint file, a run directory or an HF directory")
+        from lit_longctx.hf import resolve_hf_path
+
+        p = resolve_hf_path(path)  # a clear org/name hub id, when the hub is allowed
     if p.is_dir():
         if (p / "params.json").exists():  # Meta's original format
             from lit_longctx.meta import read_meta_checkpoint
