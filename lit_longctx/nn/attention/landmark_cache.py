@@ -1,0 +1,256 @@
+"""Landmark inference memory (paper §3.2, spec §3): the per-layer block cache, top-k retrieval and stingy positions.
+
+:class:`LandmarkCache` keeps complete blocks of keys *before* RoPE (landmark last) and the trailing incomplete block
+apart; :func:`attend_with_cache` runs one chunk against ``[k retrieved blocks | incomplete block | chunk]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from lit_longctx.nn.attention.causal import repeat_kv
+from lit_longctx.nn.attention.landmark_softmax import grouped_softmax_weights
+from lit_longctx.nn.config import ConfigError
+from lit_longctx.nn.rope import apply_rotary
+
+Selection = Literal["per_token_and_head", "max_over_heads", "max_over_tokens"]
+SELECTIONS = ("per_token_and_head", "max_over_heads", "max_over_tokens")
+
+
+def check_top_k(top_k: Any) -> int:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ConfigError(f"landmark top_k must be an integer >= 1 (blocks retrieved per token and head), got "
+                          f"{top_k!r}")
+    return top_k
+
+
+def check_selection(selection: str) -> str:
+    if selection not in SELECTIONS:
+        raise ConfigError(f"landmark selection={selection!r} is unknown; use one of {', '.join(SELECTIONS)}")
+    return selection
+
+
+# -------------------------------------------------------------------------------------- stingy positions (§3.2.1)
+def scoring_slots(n_blocks: int, top_k: int, device: torch.device | None = None) -> torch.Tensor:
+    """(n,) slot of each cached block's landmark while scoring: the k' newest blocks take slots 1..k' in order, all
+    older blocks share slot 0 (k' = min(top_k, n))."""
+    kk = min(top_k, n_blocks)
+    r = torch.arange(n_blocks, device=device)
+    return torch.where(r >= n_blocks - kk, r - (n_blocks - kk) + 1, torch.zeros_like(r))
+
+
+def selection_slots(selected: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Slot of each selected block (``selected`` (..., k') sorted chronologically): the j-th goes to slot j if it is
+    not among the k' newest blocks, to slot j + 1 if it is (old picks fill from the left, recent picks are
+    right-aligned, one slot stays free between them)."""
+    kk = selected.shape[-1]
+    j = torch.arange(kk, device=selected.device)
+    return j + (selected >= n_blocks - kk).long()
+
+
+def slot_start(slot: torch.Tensor, top_k_eff: int, block: int) -> torch.Tensor:
+    """First position of a slot relative to P (the first position of the incomplete block): −(k'+1−s)·Bk."""
+    return -(top_k_eff + 1 - slot) * block
+
+
+# -------------------------------------------------------------------------------------------------------- the cache
+class LandmarkCache:
+    """Per-layer landmark memory (spec §3.1): complete blocks (B, Hkv, n, Bk, D) of keys before RoPE and values,
+    landmark last, on ``storage_device`` (CPU when offloading); landmark keys (B, Hkv, n, D) on the compute device;
+    the trailing incomplete block (B, Hkv, m < Bk, D) held apart. Retrieval settings live here so a session can
+    change them per run."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        block: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        top_k: int = 5,
+        selection: Selection = "per_token_and_head",
+        offload_to_cpu: bool = False,
+    ) -> None:
+        self.batch_size, self.n_kv_heads, self.head_dim, self.block = batch_size, n_kv_heads, head_dim, block
+        self.device, self.dtype = torch.device(device), dtype
+        self.top_k = check_top_k(top_k)
+        self.selection = check_selection(selection)
+        self._offload = bool(offload_to_cpu)
+        self.n_blocks = 0
+        self.k_blocks: torch.Tensor | None = None
+        self.v_blocks: torch.Tensor | None = None
+        self.mem_keys: torch.Tensor | None = None
+        self.tail_k = torch.empty(batch_size, n_kv_heads, 0, head_dim, device=self.device, dtype=dtype)
+        self.tail_v = torch.empty_like(self.tail_k)
+
+    @property
+    def offload_to_cpu(self) -> bool:
+        return self._offload
+
+    @offload_to_cpu.setter
+    def offload_to_cpu(self, value: bool) -> None:
+        if self.n_blocks and bool(value) != self._offload:
+            raise ValueError("offload_to_cpu can only be changed while the landmark cache is empty")
+        self._offload = bool(value)
+
+    @property
+    def storage_device(self) -> torch.device:
+        """Where complete blocks live: the CPU when offloading, else the compute device."""
+        return torch.device("cpu") if self._offload else self.device
+
+    @property
+    def tail_len(self) -> int:
+        return self.tail_k.shape[2]
+
+    def _grow(self, needed: int) -> None:
+        cap = 0 if self.k_blocks is None else self.k_blocks.shape[2]
+        if needed <= cap:
+            return
+        cap = max(needed, 2 * cap, 8)
+        b, hk, bk, d = self.batch_size, self.n_kv_heads, self.block, self.head_dim
+        kb = torch.empty(b, hk, cap, bk, d, device=self.storage_device, dtype=self.dtype)
+        vb = torch.empty_like(kb)
+        mk = torch.empty(b, hk, cap, d, device=self.device, dtype=self.dtype)
+        if self.k_blocks is not None:
+            kb[:, :, : self.n_blocks] = self.k_blocks[:, :, : self.n_blocks]
+            vb[:, :, : self.n_blocks] = self.v_blocks[:, :, : self.n_blocks]
+            mk[:, :, : self.n_blocks] = self.mem_keys[:, :, : self.n_blocks]
+        self.k_blocks, self.v_blocks, self.mem_keys = kb, vb, mk
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace the incomplete block with ``k, v`` (B, Hkv, S, D) pre-RoPE = old incomplete block + new tokens;
+        their complete blocks move to the block store, the rest becomes the new incomplete block."""
+        full = k.shape[2] // self.block
+        if full:
+            b, hk, d = k.shape[0], k.shape[1], k.shape[3]
+            kb = k[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
+            vb = v[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
+            self._grow(self.n_blocks + full)
+            sl = slice(self.n_blocks, self.n_blocks + full)
+            self.k_blocks[:, :, sl] = kb.to(self.storage_device, self.dtype)
+            self.v_blocks[:, :, sl] = vb.to(self.storage_device, self.dtype)
+            self.mem_keys[:, :, sl] = kb[:, :, :, -1].to(self.dtype)
+            self.n_blocks += full
+        self.tail_k = k[:, :, full * self.block :].to(self.dtype).clone()
+        self.tail_v = v[:, :, full * self.block :].to(self.dtype).clone()
+
+    def landmark_keys(self) -> torch.Tensor:
+        """(B, Hkv, n, D) landmark keys of the cached blocks, before RoPE, on the compute device."""
+        return self.mem_keys[:, :, : self.n_blocks]
+
+    def gather(self, selected: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks ``selected`` (B, H, Tr, k') for query heads (KV head h // n_rep) -> keys (pre-RoPE) and values
+        (B, H, Tr, k', Bk, D) on the compute device."""
+        b, h = selected.shape[:2]
+        idx = selected.to(self.storage_device)
+        bi = torch.arange(b, device=self.storage_device).view(b, 1, 1, 1)
+        hi = (torch.arange(h, device=self.storage_device) // n_rep).view(1, h, 1, 1)
+        kb = self.k_blocks[bi, hi, idx].to(self.device, non_blocking=True)
+        vb = self.v_blocks[bi, hi, idx].to(self.device, non_blocking=True)
+        return kb, vb
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in ``index`` (finished rows / beam search)."""
+        if self.k_blocks is not None:
+            self.k_blocks = self.k_blocks.index_select(0, index.to(self.storage_device))
+            self.v_blocks = self.v_blocks.index_select(0, index.to(self.storage_device))
+            self.mem_keys = self.mem_keys.index_select(0, index)
+        self.tail_k, self.tail_v = self.tail_k.index_select(0, index), self.tail_v.index_select(0, index)
+        self.batch_size = len(index)
+
+
+def select_blocks(mem_scores: torch.Tensor, top_k: int, selection: str) -> torch.Tensor:
+    """Top-k cached blocks per retriever from landmark scores (B, H, T, n), sorted chronologically.
+
+    Returns (B, H, T, k') for ``per_token_and_head`` and ``max_over_heads`` (the latter equal over heads), (B, H, 1, k')
+    for ``max_over_tokens``. The reduced variants take the max of the softmax probabilities (softmax first puts heads
+    and tokens on one scale, paper Table 2).
+    """
+    kk = min(top_k, mem_scores.shape[-1])
+    if selection == "per_token_and_head":
+        rank = mem_scores
+    else:
+        probs = torch.softmax(mem_scores.float(), dim=-1)
+        if selection == "max_over_heads":
+            rank = probs.amax(dim=1, keepdim=True).expand_as(probs)
+        else:
+            rank = probs.amax(dim=2, keepdim=True)
+    return rank.topk(kk, dim=-1).indices.sort(dim=-1).values
+
+
+def attend_with_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_mem: torch.Tensor,
+    start: torch.Tensor,
+    cache: LandmarkCache,
+    rope: Any,
+    scale: float,
+) -> torch.Tensor:
+    """One chunk of cached landmark inference (spec §3.1-3.3), then the chunk is written to ``cache``.
+
+    Args:
+        q: (B, H, T, D) queries rotated at their positions; k, v: (B, Hkv, T, D) keys *before* RoPE and values.
+        is_mem: (T,) landmark flags of the chunk (equal for all rows).
+        start: (B, 1) position P of the first token of the incomplete block (= first chunk position − its length).
+        rope: the model's rotary table builder (``ctx.rope``).
+
+    The keys are ``[k' retrieved blocks | incomplete block | chunk]`` and the weights the grouped softmax over them.
+    """
+    b, h, t, d = q.shape
+    bk, m = cache.block, cache.tail_len
+    n_rep = h // k.shape[1]
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    local_k = torch.cat([cache.tail_k.to(k.dtype), k], dim=2)  # (B, Hkv, m + T, D) pre-RoPE
+    local_v = torch.cat([cache.tail_v.to(v.dtype), v], dim=2)
+    local_mem = torch.cat([is_mem.new_zeros(m), is_mem])
+    bad = local_mem != (torch.arange(m + t, device=is_mem.device) % bk == bk - 1)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0]) - m
+        raise ValueError(
+            f"landmark tokens must close every block of {bk - 1} regular tokens counted from the first token fed to "
+            f"the cache; chunk token {pos} breaks the grid (incomplete block holds {m} tokens). Feed ordinary tokens "
+            "through LandmarkSession, which inserts the landmarks itself"
+        )
+    local_pos = start + torch.arange(m + t, device=q.device)  # (B, m + T)
+    # one seq_len for every table (dynamic-NTK RoPE depends on it), the one the queries were rotated with
+    seq_len = int(local_pos.max()) + 1
+    cos, sin = rope(local_pos, seq_len=seq_len)
+    local_kr = apply_rotary(local_k, cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, m + T, D)
+    scores = torch.matmul(q.to(cdt), repeat_kv(local_kr, n_rep).to(cdt).transpose(-1, -2)) * scale  # (B,H,T,m+T)
+    flags = local_mem.unsqueeze(0).expand(b, -1)
+
+    prefix_v = None
+    n = cache.n_blocks
+    if n:
+        kk = min(cache.top_k, n)
+        mem_pos = start + slot_start(scoring_slots(n, kk, q.device), kk, bk) + bk - 1  # (B, n)
+        cos, sin = rope(mem_pos, seq_len=seq_len)
+        mem_k = apply_rotary(cache.landmark_keys(), cos.unsqueeze(1), sin.unsqueeze(1))
+        mem_k = repeat_kv(mem_k, n_rep).to(cdt)  # (B, H, n, D)
+        selected = select_blocks(torch.matmul(q.to(cdt), mem_k.transpose(-1, -2)) * scale, kk, cache.selection)
+        kb, vb = cache.gather(selected, n_rep)  # (B, H, Tr, k', Bk, D)
+        tr = selected.shape[2]
+        # only (k'+1)·Bk positions exist (k'+1 slots of Bk tokens): one RoPE table per row, indexed by slot
+        slot = torch.arange(kk + 1, device=q.device)
+        slot_pos = start.view(b, 1, 1) + (slot_start(slot, kk, bk).view(1, -1, 1) + torch.arange(bk, device=q.device))
+        cos, sin = rope(slot_pos, seq_len=seq_len)  # (B, k'+1, Bk, D)
+        rows = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+        slots = selection_slots(selected, n)  # (B, H, Tr, k')
+        kb = apply_rotary(kb, cos[rows, slots], sin[rows, slots]).reshape(b, h, tr, kk * bk, d).to(cdt)
+        prefix_v = vb.reshape(b, h, tr, kk * bk, d).to(cdt)
+        prefix_scores = torch.matmul(q.to(cdt).unsqueeze(3), kb.transpose(-1, -2)).squeeze(3) * scale  # (B,H,T,k'Bk)
+        scores = torch.cat([prefix_scores, scores], dim=-1)
+        prefix_mem = (torch.arange(kk * bk, device=q.device) % bk == bk - 1).unsqueeze(0).expand(b, -1)
+        flags = torch.cat([prefix_mem, flags], dim=1)
+
+    w = grouped_softmax_weights(scores, flags)  # (B, H, T, [k'Bk +] m + T)
+    y = torch.matmul(w[..., -(m + t) :], repeat_kv(local_v, n_rep).to(cdt))
+    if prefix_v is not None:
+        y = y + torch.matmul(w[..., : -(m + t)].unsqueeze(3), prefix_v).squeeze(3)
+    cache.store(local_k, local_v)
+    return y.to(q.dtype)
