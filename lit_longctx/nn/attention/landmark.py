@@ -52,6 +52,7 @@ from lit_longctx.nn.attention.landmark_cache import (
     LandmarkCache,
     Selection,
     attend_with_cache,
+    check_mem_cache_size,
     check_selection,
     check_top_k,
     scoring_slots,
@@ -71,9 +72,9 @@ KIND = "landmark"
 LAYOUT_KEY = "landmark"
 __all__ = [
     "KIND", "LAYOUT_KEY", "SELECTIONS", "LandmarkAttention", "LandmarkCache", "LandmarkLayout", "LandmarkOptions",
-    "LandmarkSession", "Selection", "attend_with_cache", "blockwise_landmark_attention", "check_selection",
-    "check_top_k", "default_chunk_length", "grid_offsets", "grouped_softmax_weights", "insert_on_grid",
-    "reference_landmark_attention", "scoring_slots", "select_blocks", "selection_slots", "slot_start",
+    "LandmarkSession", "Selection", "attend_with_cache", "blockwise_landmark_attention", "check_mem_cache_size",
+    "check_selection", "check_top_k", "default_chunk_length", "grid_offsets", "grouped_softmax_weights",
+    "insert_on_grid", "reference_landmark_attention", "scoring_slots", "select_blocks", "selection_slots", "slot_start",
 ]
 
 
@@ -94,6 +95,8 @@ class LandmarkOptions:
         chunk_length: regular tokens per prefill chunk (ℓ_local); default derived from train_context_length (else
             max_seq_len) and top_k as in the maintained LLaMA code (:func:`default_chunk_length`).
         offload_to_cpu: keep complete cached blocks in CPU memory; only landmark keys stay on the compute device.
+        mem_cache_size: most blocks kept per layer at inference (a FIFO ring, oldest evicted first, as
+            ``lm_benchmark``'s ``--mem_cache_size``; paper Table 1's "blocks in memory"); None keeps every block.
         train_context_length: regular tokens per training row (the seed's ``train_context_length``, 512); the
             default chunk length is derived from it (else from max_seq_len), so retrieved blocks and the chunk stay
             within the distances seen in training.
@@ -109,6 +112,7 @@ class LandmarkOptions:
     selection: Selection = "per_token_and_head"
     chunk_length: int | None = None
     offload_to_cpu: bool = False
+    mem_cache_size: int | None = None
     train_context_length: int | None = None
     include_landmark_in_loss: bool = False
 
@@ -125,6 +129,7 @@ class LandmarkOptions:
             raise ConfigError(f"{where}['path']={self.path!r} is unknown; use 'blockwise' or 'reference'")
         check_top_k(self.top_k)
         check_selection(self.selection)
+        check_mem_cache_size(self.mem_cache_size)
         for name in ("chunk_length", "train_context_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -208,7 +213,7 @@ class LandmarkAttention(Attention):
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LandmarkCache:
         o = self.options
         return LandmarkCache(batch_size, self.n_kv_heads, self.head_dim, o.block, device, dtype, o.top_k,
-                             o.selection, o.offload_to_cpu)
+                             o.selection, o.offload_to_cpu, o.mem_cache_size)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: LandmarkCache | None = None) -> torch.Tensor:
         if ctx.doc_ids is not None:
@@ -271,7 +276,9 @@ class LandmarkSession(DecodingSession):
     learnt to predict ``<landmark>`` there) uses the landmark's output. Default: the model's option of that name.
     ``suppress_landmark`` sets the landmark logit to −inf so that sampling never emits it.
 
-    Keyword overrides ``top_k``, ``selection``, ``offload_to_cpu`` replace the layers' options for this session.
+    Keyword overrides ``top_k``, ``selection``, ``offload_to_cpu``, ``mem_cache_size`` replace the layers' options for
+    this session (None keeps the option). ``record_retrieval=True`` keeps which blocks every layer retrieved
+    (:meth:`retrieved_blocks`).
     :meth:`forward_logits` returns the logits of every fed ordinary token (perplexity over long inputs).
     """
 
@@ -284,6 +291,8 @@ class LandmarkSession(DecodingSession):
         top_k: int | None = None,
         selection: str | None = None,
         offload_to_cpu: bool | None = None,
+        mem_cache_size: int | None = None,
+        record_retrieval: bool = False,
         include_landmark_in_loss: bool | None = None,
         suppress_landmark: bool = True,
         **_: Any,
@@ -304,6 +313,9 @@ class LandmarkSession(DecodingSession):
                     cache.selection = check_selection(selection)
                 if offload_to_cpu is not None:
                     cache.offload_to_cpu = offload_to_cpu
+                if mem_cache_size is not None:
+                    cache.mem_cache_size = mem_cache_size
+                cache.record_retrieval = record_retrieval
         self.include_landmark_in_loss = (opts.include_landmark_in_loss if include_landmark_in_loss is None
                                          else include_landmark_in_loss)
         self.suppress_landmark = suppress_landmark
@@ -330,6 +342,12 @@ class LandmarkSession(DecodingSession):
         if self.suppress_landmark:
             logits[..., self.landmark_id] = float("-inf")
         return logits
+
+    def retrieved_blocks(self) -> dict[int, list[torch.Tensor]]:
+        """Per landmark layer index, the blocks retrieved by each chunk fed so far (``record_retrieval=True``): a list
+        of (B, H, Tr, k') tensors of block indices in the augmented stream (block b = augmented positions
+        [b·Bk, (b+1)·Bk), landmark last); Tr = the chunk's augmented length, or 1 for ``max_over_tokens``."""
+        return {i: list(c.retrieved) for i, c in enumerate(self.state.caches) if isinstance(c, LandmarkCache)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed ordinary ids (B, n); return the next-token logits (B, V) after the last of them."""

@@ -26,6 +26,13 @@ def check_top_k(top_k: Any) -> int:
     return top_k
 
 
+def check_mem_cache_size(size: Any) -> int | None:
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ConfigError(f"landmark mem_cache_size must be None (keep every block) or an integer >= 1 (blocks kept, "
+                          f"oldest evicted first), got {size!r}")
+    return size
+
+
 def check_selection(selection: str) -> str:
     if selection not in SELECTIONS:
         raise ConfigError(f"landmark selection={selection!r} is unknown; use one of {', '.join(SELECTIONS)}")
@@ -60,7 +67,17 @@ class LandmarkCache:
     """Per-layer landmark memory (spec §3.1): complete blocks (B, Hkv, n, Bk, D) of keys before RoPE and values,
     landmark last, on ``storage_device`` (CPU when offloading); landmark keys (B, Hkv, n, D) on the compute device;
     the trailing incomplete block (B, Hkv, m < Bk, D) held apart. Retrieval settings live here so a session can
-    change them per run."""
+    change them per run.
+
+    ``mem_cache_size`` bounds the memory to that many blocks, as ``lm_benchmark``'s ``mem_cache_size`` (the blocks
+    column of paper Table 1): a FIFO ring whose newest block overwrites the oldest, and a chunk that completes more
+    blocks than fit keeps only its newest ones. ``None`` keeps every block (the maintained LLaMA code). Blocks are
+    addressed by chronological rank r ∈ [0, n) (0 = oldest still cached); ``evicted`` counts the blocks dropped, so
+    ``evicted + r`` is a block's index in the whole stream.
+
+    ``record_retrieval`` keeps, per chunk, the stream indices of the blocks each (token, head) retrieved in
+    ``retrieved`` (a list of (B, H, Tr, k') CPU tensors, Tr = 1 for ``max_over_tokens``; off by default).
+    """
 
     def __init__(
         self,
@@ -73,13 +90,20 @@ class LandmarkCache:
         top_k: int = 5,
         selection: Selection = "per_token_and_head",
         offload_to_cpu: bool = False,
+        mem_cache_size: int | None = None,
+        record_retrieval: bool = False,
     ) -> None:
         self.batch_size, self.n_kv_heads, self.head_dim, self.block = batch_size, n_kv_heads, head_dim, block
         self.device, self.dtype = torch.device(device), dtype
         self.top_k = check_top_k(top_k)
         self.selection = check_selection(selection)
         self._offload = bool(offload_to_cpu)
+        self._size = check_mem_cache_size(mem_cache_size)
+        self.record_retrieval = bool(record_retrieval)
+        self.retrieved: list[torch.Tensor] = []
         self.n_blocks = 0
+        self.evicted = 0
+        self._head = 0  # physical slot of the oldest cached block (always 0 when unbounded)
         self.k_blocks: torch.Tensor | None = None
         self.v_blocks: torch.Tensor | None = None
         self.mem_keys: torch.Tensor | None = None
@@ -97,6 +121,17 @@ class LandmarkCache:
         self._offload = bool(value)
 
     @property
+    def mem_cache_size(self) -> int | None:
+        return self._size
+
+    @mem_cache_size.setter
+    def mem_cache_size(self, value: int | None) -> None:
+        if self.n_blocks and value != self._size:
+            raise ValueError("mem_cache_size can only be changed while the landmark cache is empty")
+        self._size = check_mem_cache_size(value)
+        self.k_blocks = self.v_blocks = self.mem_keys = None
+
+    @property
     def storage_device(self) -> torch.device:
         """Where complete blocks live: the CPU when offloading, else the compute device."""
         return torch.device("cpu") if self._offload else self.device
@@ -105,16 +140,22 @@ class LandmarkCache:
     def tail_len(self) -> int:
         return self.tail_k.shape[2]
 
+    def _physical(self, rank: torch.Tensor) -> torch.Tensor:
+        """Storage slot of chronological rank(s) ``rank``."""
+        if self._size is None:
+            return rank
+        return torch.remainder(rank + self._head, self._size)
+
     def _grow(self, needed: int) -> None:
         cap = 0 if self.k_blocks is None else self.k_blocks.shape[2]
         if needed <= cap:
             return
-        cap = max(needed, 2 * cap, 8)
+        cap = max(needed, 2 * cap, 8) if self._size is None else self._size
         b, hk, bk, d = self.batch_size, self.n_kv_heads, self.block, self.head_dim
         kb = torch.empty(b, hk, cap, bk, d, device=self.storage_device, dtype=self.dtype)
         vb = torch.empty_like(kb)
         mk = torch.empty(b, hk, cap, d, device=self.device, dtype=self.dtype)
-        if self.k_blocks is not None:
+        if self.k_blocks is not None:  # only the unbounded store grows, and its slots are ranks
             kb[:, :, : self.n_blocks] = self.k_blocks[:, :, : self.n_blocks]
             vb[:, :, : self.n_blocks] = self.v_blocks[:, :, : self.n_blocks]
             mk[:, :, : self.n_blocks] = self.mem_keys[:, :, : self.n_blocks]
@@ -122,30 +163,42 @@ class LandmarkCache:
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace the incomplete block with ``k, v`` (B, Hkv, S, D) pre-RoPE = old incomplete block + new tokens;
-        their complete blocks move to the block store, the rest becomes the new incomplete block."""
+        their complete blocks move to the block store (evicting the oldest beyond ``mem_cache_size``), the rest
+        becomes the new incomplete block."""
         full = k.shape[2] // self.block
         if full:
             b, hk, d = k.shape[0], k.shape[1], k.shape[3]
             kb = k[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
             vb = v[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
-            self._grow(self.n_blocks + full)
-            sl = slice(self.n_blocks, self.n_blocks + full)
-            self.k_blocks[:, :, sl] = kb.to(self.storage_device, self.dtype)
-            self.v_blocks[:, :, sl] = vb.to(self.storage_device, self.dtype)
-            self.mem_keys[:, :, sl] = kb[:, :, :, -1].to(self.dtype)
-            self.n_blocks += full
+            keep = full if self._size is None else min(full, self._size)
+            kb, vb = kb[:, :, full - keep :], vb[:, :, full - keep :]
+            self._grow(self.n_blocks + keep)
+            # ranks n .. n+keep-1; in the ring the ones past the size land on (and so evict) the oldest slots
+            slots = self._physical(torch.arange(self.n_blocks, self.n_blocks + keep))
+            self.k_blocks[:, :, slots.to(self.storage_device)] = kb.to(self.storage_device, self.dtype)
+            self.v_blocks[:, :, slots.to(self.storage_device)] = vb.to(self.storage_device, self.dtype)
+            self.mem_keys[:, :, slots.to(self.device)] = kb[:, :, :, -1].to(self.dtype)
+            total = self.n_blocks + keep
+            dropped = 0 if self._size is None else max(0, total - self._size)
+            if dropped:
+                self._head = (self._head + dropped) % self._size
+            self.n_blocks = total - dropped
+            self.evicted += dropped + full - keep
         self.tail_k = k[:, :, full * self.block :].to(self.dtype).clone()
         self.tail_v = v[:, :, full * self.block :].to(self.dtype).clone()
 
     def landmark_keys(self) -> torch.Tensor:
-        """(B, Hkv, n, D) landmark keys of the cached blocks, before RoPE, on the compute device."""
-        return self.mem_keys[:, :, : self.n_blocks]
+        """(B, Hkv, n, D) landmark keys of the cached blocks in chronological order, before RoPE, on the compute
+        device."""
+        if self._size is None:
+            return self.mem_keys[:, :, : self.n_blocks]
+        return self.mem_keys[:, :, self._physical(torch.arange(self.n_blocks, device=self.device))]
 
     def gather(self, selected: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks ``selected`` (B, H, Tr, k') for query heads (KV head h // n_rep) -> keys (pre-RoPE) and values
         (B, H, Tr, k', Bk, D) on the compute device."""
         b, h = selected.shape[:2]
-        idx = selected.to(self.storage_device)
+        idx = self._physical(selected).to(self.storage_device)
         bi = torch.arange(b, device=self.storage_device).view(b, 1, 1, 1)
         hi = (torch.arange(h, device=self.storage_device) // n_rep).view(1, h, 1, 1)
         kb = self.k_blocks[bi, hi, idx].to(self.device, non_blocking=True)
@@ -233,6 +286,8 @@ def attend_with_cache(
         mem_k = apply_rotary(cache.landmark_keys(), cos.unsqueeze(1), sin.unsqueeze(1))
         mem_k = repeat_kv(mem_k, n_rep).to(cdt)  # (B, H, n, D)
         selected = select_blocks(torch.matmul(q.to(cdt), mem_k.transpose(-1, -2)) * scale, kk, cache.selection)
+        if cache.record_retrieval:
+            cache.retrieved.append((selected + cache.evicted).cpu())
         kb, vb = cache.gather(selected, n_rep)  # (B, H, Tr, k', Bk, D)
         tr = selected.shape[2]
         # only (k'+1)·Bk positions exist (k'+1 slots of Bk tokens): one RoPE table per row, indexed by slot
