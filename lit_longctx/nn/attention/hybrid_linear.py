@@ -37,10 +37,17 @@ Generation state (:class:`HybridLinearCache`, spec "Generation state"): the raw 
 window (≤ w keys for ``sliding``, ≤ 2w for ``terrace``) plus S = Σ φ_k(k)vᵀ and z = Σ φ_k(k) over every key that left
 it — constant memory per layer-head. ``decode_window: sliding`` decodes with an exact w-key sliding window, which is
 what the reference does even for ``tk`` models; ``terrace`` keeps the previous full block plus the current partial one
-and folds a block into S when a new block starts, reproducing the start-aligned ``tk`` forward. A cached forward
-applies the decode window to *every* position it processes (prompt chunks included), so a decoding session equals
-one full-sequence forward of that window kind exactly, whatever the prefill chunking. (The reference computes the
-prompt with the terrace forward and only the decoded tokens with the sliding window.)
+and folds a block into S when a new block starts, reproducing the start-aligned ``tk`` forward. ``prefill`` decides
+the prompt: ``forward`` (default, the reference's semantics) computes the first multi-token chunk fed to an empty
+cache with the layer's own forward (``tk`` with its alignment, over the prompt's length), then keeps the decode window
+of its last position; later tokens use the decode window. ``decode_window`` applies the decode window to *every*
+position (prompt included), so a session equals one full-sequence forward of that window kind exactly, whatever the
+prefill chunking. For ``sw``, pure linear, or ``tk`` with terrace decoding the two agree.
+
+Terrace alignment: ``end`` (o = (−L) mod w, the reference's ``get_masks``; what its checkpoints were trained and
+evaluated with, so the default of the LoLCATs recipes and of imported seed checkpoints) and ``start`` (o = 0, the
+ThunderKittens kernel; prefix-consistent). They agree when L % w = 0 or L ≤ 2w; otherwise the last position's window
+and the linear set differ, and with ``end`` the outputs for a prefix change when a token is appended.
 
 Distillation (LoLCATs §3.1 Eq. 6, App. C Listing 4), switched per batch by ``distill=True`` in
 ``Transformer.forward(**extras)``: the teacher causal softmax attention is computed under no_grad from the same q, k, v
@@ -426,6 +433,7 @@ WINDOWS = ("tk", "sw", "none")
 ALIGNMENTS = ("start", "end")
 PATHS = ("scan", "quadratic")
 DECODE_WINDOWS = ("sliding", "terrace")
+PREFILLS = ("forward", "decode_window")
 
 
 @register_attention("hybrid_linear")
@@ -444,6 +452,8 @@ class HybridLinearAttention(Attention):
             mode with ``distill_xent`` always uses the quadratic form, which yields the attention weights.
         decode_window: ``sliding`` (exact w-key window, the reference's decode) or ``terrace`` (tk with start
             alignment only; reproduces the tk forward).
+        prefill: ``forward`` (the first chunk fed to an empty cache runs the layer's forward, the reference's
+            prompt; later tokens use the decode window) or ``decode_window`` (every cached position uses it).
     """
 
     def __init__(
@@ -460,6 +470,7 @@ class HybridLinearAttention(Attention):
         feature_map_init: Literal["identity", "kaiming_uniform", "normal"] = "identity",
         path: Literal["scan", "quadratic"] = "scan",
         decode_window: Literal["sliding", "terrace"] = "sliding",
+        prefill: Literal["forward", "decode_window"] = "forward",
     ) -> None:
         super().__init__(config, layer_idx)
         prefix = f"attention_options['hybrid_linear'] (layer {layer_idx}):"
@@ -471,6 +482,9 @@ class HybridLinearAttention(Attention):
             raise ConfigError(f"{prefix} path={path!r} is unknown; use scan (linear time) or quadratic (reference)")
         if decode_window not in DECODE_WINDOWS:
             raise ConfigError(f"{prefix} decode_window={decode_window!r} is unknown; use sliding or terrace")
+        if prefill not in PREFILLS:
+            raise ConfigError(f"{prefix} prefill={prefill!r} is unknown; use forward (the reference's prompt) or "
+                              "decode_window")
         if feature_map_init not in FEATURE_MAP_INITS:
             raise ConfigError(
                 f"{prefix} feature_map_init={feature_map_init!r} is unknown; use one of {', '.join(FEATURE_MAP_INITS)}"
@@ -500,6 +514,7 @@ class HybridLinearAttention(Attention):
         self.feature_map_init = feature_map_init
         self.path = path
         self.decode_window = decode_window
+        self.prefill = prefill
         self.feature_map_q = FeatureMap(self.n_heads, self.head_dim, feature_dim)
         self.feature_map_k = FeatureMap(self.n_heads, self.head_dim, feature_dim)
         # reference name and shape; pure linear attention has no window, hence no factor
@@ -633,6 +648,11 @@ class HybridLinearAttention(Attention):
                 self.feature_map_q(q), self.feature_map_k(k), v, state=(cache.kv_state, cache.k_state)
             )
             cache.length += t
+            return y
+        if self.prefill == "forward" and cache.length == 0 and t > 1:  # the prompt: the layer's own forward
+            y, _ = self.attend(q, k, v, window=self.window, block_offset=self._block_offset(t))
+            cache.k, cache.v, cache.length = k.to(cache.k.dtype), v.to(cache.v.dtype), t
+            self._fold(cache, self._window_start(t - 1))  # S, z over the keys left of the last decode window
             return y
         first, last = cache.length, cache.length + t - 1
         self._fold(cache, self._window_start(first))  # the buffer now starts at the window of the first query
