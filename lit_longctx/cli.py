@@ -31,6 +31,7 @@ subcommands:
   convert    checkpoints to and from Hugging Face format:
                                        lit-longctx convert from-hf --source HF_DIR --output model.ckpt
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
+                                       lit-longctx convert from-lolcats --base HF_DIR --distill RUN_distill.pt
   generate   sample text from a checkpoint or HF directory:
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
   weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
@@ -283,7 +284,9 @@ def run_with_one_line_errors(call: Callable[[], Any]) -> Any:
 
 
 def _convert() -> Any:
-    return {"from-hf": convert_from_hf, "to-hf": convert_to_hf}
+    from lit_longctx.lolcats_import import convert_from_lolcats
+
+    return {"from-hf": convert_from_hf, "to-hf": convert_to_hf, "from-lolcats": convert_from_lolcats}
 
 
 def _weight_diff() -> Any:
