@@ -296,7 +296,10 @@ class DocAwareData(TextData):
     Pipelines (``data_pipeline``): ``linear``, ``doc_aware`` or ``doc_aware_k<k>`` (see the module docstring); every
     document is ``[bos] + doc + [eos]``, and batches have ``input_ids``, ``labels`` (-100 where the loss mask is 0, i.e.
     at BOS targets) and ``loss_mask``, with no ``position_ids``: rows are numbered 0..T-1 and documents joined by
-    ``<eos><bos>`` are not masked from each other, as in the original code.
+    ``<eos><bos>`` are not masked from each other, as in the original code. Training batches of a mixture also carry
+    ``tokens_per_source`` (input tokens per component, :attr:`source_names`), which
+    :class:`~lit_longctx.callbacks.SourceTokens` logs as ``batch_tokens_per_source/<name>``. FoT's original data
+    (EasyLM JSONL with pre-tokenized ids) is a source with ``tokens_field`` (:class:`TextSource`).
 
     Distribution and accumulation: rank r of W reads documents r, r+W, ... of every pass with its own pipeline of
     ``batch_size`` rows, so a device's batch holds ``batch_size / k`` whole packs and a pack never straddles ranks.
@@ -434,6 +437,13 @@ class DocAwareData(TextData):
         n_passkey = n_text if f == 1 else round(n_text * f / (1 - f))
         passkey = PasskeyDocumentStream(self.passkey_documents(), n_passkey, self.passkey_labels)
         return MixtureStream([*text, passkey], [w * (1 - f) for w in weights] + [f], self.seed)
+
+    @property
+    def source_names(self) -> list[str]:
+        """Names of the training mixture's components, in the order of a batch's ``tokens_per_source`` counts
+        (FoT's ``batch_tokens_per_source/<name>``, logged by :class:`~lit_longctx.callbacks.SourceTokens`)."""
+        names = [s.log_name for s in self.sources if s.weight > 0]
+        return names + ["passkey"] if self.passkey_fraction > 0 else names
 
     def batches_per_epoch(self, documents: MixtureStream, world_size: int) -> int:
         """Batches per rank in one pass of ``documents`` (the epoch length Lightning sees)."""

@@ -44,8 +44,8 @@ class DocumentStream:
     Args:
         source: a re-iterable collection of documents, a callable ``start -> iterator`` over one pass of the
             documents from index ``start`` (so a restore needs no re-reading), or a :class:`DocumentShard`. A document
-            is a sequence of token ids, or a dict with ``input_ids`` and its own ``loss_mask`` (e.g. the answer of a
-            passkey document only).
+            is a sequence of token ids, or a dict with ``input_ids``, optionally its own ``loss_mask`` (e.g. the answer
+            of a passkey document only) and the index of the ``source`` it came from (a mixture component).
         bos_id, eos_id: ids added around every document (``add_bos``/``add_eos``); bos has loss mask 0, eos 1.
         min_example_length: documents shorter than this (counted with bos/eos, as EasyLM's ``TokenFilter``) are
             skipped.
@@ -75,6 +75,9 @@ class DocumentStream:
         self.epoch = 0
         self.offset = 0  # documents read from the source in this epoch (skipped ones included)
         self.documents = 0  # documents handed out in total
+        self.last_source = 0  # mixture component of the document handed out last
+        #: mixture components the documents come from (per-source token counts have this length)
+        self.n_sources = source.n_sources if isinstance(source, DocumentShard) else 1
         self._iterator: Iterator[Document] | None = None
 
     def _open(self) -> Iterator[Document]:
@@ -103,11 +106,12 @@ class DocumentStream:
                 self.epoch, self.offset, self._iterator = self.epoch + 1, 0, None
                 continue
             self.offset += 1
-            ids, doc_mask = (doc["input_ids"], doc["loss_mask"]) if isinstance(doc, Mapping) else (doc, None)
+            ids, doc_mask = (doc["input_ids"], doc.get("loss_mask")) if isinstance(doc, Mapping) else (doc, None)
             tokens = self.prefix + _ints(ids) + self.suffix
             if len(tokens) < max(self.min_example_length, 1):
                 continue
             self.documents += 1
+            self.last_source = int(doc.get("source", 0)) if isinstance(doc, Mapping) else 0
             body = [1] * (len(tokens) - len(self.prefix) - len(self.suffix)) if doc_mask is None else _ints(doc_mask)
             return tokens, [0] * len(self.prefix) + body + [1] * len(self.suffix)
 
@@ -123,11 +127,16 @@ def _ints(x: Sequence[int] | torch.Tensor) -> list[int]:
     return x.tolist() if hasattr(x, "tolist") else [int(t) for t in x]
 
 
-def _batch(inputs: list[list[int]], targets: list[list[int]], masks: list[list[int]]) -> dict[str, torch.Tensor]:
+def _batch(inputs: list[list[int]], targets: list[list[int]], masks: list[list[int]],
+           sources: list[list[int]] | None = None, n_sources: int = 1) -> dict[str, torch.Tensor]:
     input_ids = torch.tensor(inputs, dtype=torch.long)
     loss_mask = torch.tensor(masks, dtype=torch.float32)
     labels = torch.tensor(targets, dtype=torch.long).masked_fill(loss_mask == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
+    if n_sources > 1 and sources is not None:  # FoT's batch_tokens_per_source: input tokens by source document
+        flat = torch.tensor([s for row in sources for s in row], dtype=torch.long)
+        batch["tokens_per_source"] = torch.bincount(flat, minlength=n_sources)
+    return batch
 
 
 class _Pipeline:
@@ -187,8 +196,9 @@ class DocAware(_Pipeline):
         super().__init__(stream, batch_size, seq_len)
         self.pad, self.pad_id = pad, pad_id
         self.rows: list[tuple[list[int], list[int]]] = [([], []) for _ in range(batch_size)]
+        self.row_sources: list[list[int]] = [[] for _ in range(batch_size)]  # source of every buffered token
 
-    def _fill(self, tokens: list[int], mask: list[int]) -> None:
+    def _fill(self, tokens: list[int], mask: list[int], sources: list[int]) -> None:
         while len(tokens) < self.seq_len + 1:
             doc, doc_mask = self.stream.next()
             if self.pad:
@@ -197,21 +207,25 @@ class DocAware(_Pipeline):
                 doc, doc_mask = doc + [self.pad_id] * short, doc_mask + [0] * short
             tokens.extend(doc)
             mask.extend(doc_mask)
+            sources.extend([self.stream.last_source] * len(doc))
 
     def __next__(self) -> dict[str, torch.Tensor]:
         t = self.seq_len
-        for tokens, mask in self.rows:
-            self._fill(tokens, mask)
+        for (tokens, mask), sources in zip(self.rows, self.row_sources):
+            self._fill(tokens, mask, sources)
         inputs = [tokens[:t] for tokens, _ in self.rows]
         targets = [tokens[1 : t + 1] for tokens, _ in self.rows]
         masks = [mask[1 : t + 1] for _, mask in self.rows]
+        used = [sources[:t] for sources in self.row_sources]
         self.rows = [(tokens[t:], mask[t:]) for tokens, mask in self.rows]
+        self.row_sources = [sources[t:] for sources in self.row_sources]
         self.steps += 1
-        return _batch(inputs, targets, masks)
+        return _batch(inputs, targets, masks, used, self.stream.n_sources)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict(), "steps": self.steps,
-                "rows": [(list(tokens), list(mask)) for tokens, mask in self.rows]}
+                "rows": [(list(tokens), list(mask)) for tokens, mask in self.rows],
+                "row_sources": [list(sources) for sources in self.row_sources]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["rows"]) != self.batch_size:
@@ -220,6 +234,7 @@ class DocAware(_Pipeline):
         self.stream.load_state_dict(state["stream"])
         self.steps = state["steps"]
         self.rows = [(list(tokens), list(mask)) for tokens, mask in state["rows"]]
+        self.row_sources = [list(x) for x in state.get("row_sources", [[0] * len(t) for t, _ in self.rows])]
 
 
 class KPacking(_Pipeline):
@@ -238,7 +253,7 @@ class KPacking(_Pipeline):
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = next(self.inner)
         self.steps += 1
-        return {name: x.reshape(self.batch_size, self.seq_len) for name, x in batch.items()}
+        return {name: x.reshape(self.batch_size, self.seq_len) if x.dim() == 2 else x for name, x in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "steps": self.steps}
@@ -260,6 +275,7 @@ class Linear(_Pipeline):
         super().__init__(stream, batch_size, seq_len)
         self.tokens: list[int] = []
         self.mask: list[int] = []
+        self.sources: list[int] = []
 
     def __next__(self) -> dict[str, torch.Tensor]:
         n, b, t = self.batch_size * self.seq_len, self.batch_size, self.seq_len
@@ -267,20 +283,23 @@ class Linear(_Pipeline):
             doc, doc_mask = self.stream.next()
             self.tokens.extend(doc)
             self.mask.extend(doc_mask)
+            self.sources.extend([self.stream.last_source] * len(doc))
         inputs = [self.tokens[i * t : (i + 1) * t] for i in range(b)]
         targets = [self.tokens[i * t + 1 : (i + 1) * t + 1] for i in range(b)]
         masks = [self.mask[i * t + 1 : (i + 1) * t + 1] for i in range(b)]
-        self.tokens, self.mask = self.tokens[n:], self.mask[n:]
+        used = [self.sources[i * t : (i + 1) * t] for i in range(b)]
+        self.tokens, self.mask, self.sources = self.tokens[n:], self.mask[n:], self.sources[n:]
         self.steps += 1
-        return _batch(inputs, targets, masks)
+        return _batch(inputs, targets, masks, used, self.stream.n_sources)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict(), "steps": self.steps, "tokens": list(self.tokens),
-                "mask": list(self.mask)}
+                "mask": list(self.mask), "sources": list(self.sources)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
         self.steps, self.tokens, self.mask = state["steps"], list(state["tokens"]), list(state["mask"])
+        self.sources = list(state.get("sources", [0] * len(self.tokens)))
 
 
 def build_pipeline(
@@ -314,6 +333,11 @@ class DocumentShard:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size={world_size})")
         self.stream, self.rank, self.world_size = stream, rank, world_size
 
+    @property
+    def n_sources(self) -> int:
+        """Components of a mixture stream (``MixtureStream.components``), else 1."""
+        return len(getattr(self.stream, "components", [None]))
+
     def __len__(self) -> int:
         """Documents of this rank in one pass."""
         return max(0, -(-(self.stream.num_samples - self.rank) // self.world_size))
@@ -321,5 +345,9 @@ class DocumentShard:
     def __call__(self, start: int, epoch: int = 0) -> Iterator[Document]:
         """Pass ``epoch`` from this rank's document ``start`` on."""
         for local in range(start, len(self)):
-            sample = self.stream.sample_at(epoch, self.rank + local * self.world_size)
-            yield sample if "loss_mask" in sample else sample["input_ids"]
+            index = self.rank + local * self.world_size
+            sample = self.stream.sample_at(epoch, index)
+            if self.n_sources > 1:  # which component the document came from, for per-source token counts
+                yield {**sample, "source": int(self.stream.component[index % self.stream.num_samples])}
+            else:
+                yield sample if "loss_mask" in sample else sample["input_ids"]
