@@ -42,7 +42,8 @@ def easylm(tmp_path_factory):
     rng = np.random.default_rng(0)
     a = [rng.integers(10, 100, int(rng.integers(5, 40))).tolist() for _ in range(14)]  # ids 10..99
     b = [rng.integers(100, 200, int(rng.integers(5, 40))).tolist() for _ in range(10)]  # ids 100..199
-    return root, write_easylm(root / "a.jsonl", a, "tokens", True), a, write_easylm(root / "b.jsonl", b, "ids", False), b
+    path_a, path_b = write_easylm(root / "a.jsonl", a, "tokens", True), write_easylm(root / "b.jsonl", b, "ids", False)
+    return root, path_a, a, path_b, b
 
 
 def test_base64_source_gives_the_written_ids(easylm, tmp_path):
@@ -113,7 +114,8 @@ def test_source_tokens_are_logged(easylm, tmp_path):
                         callbacks=[SourceTokens(), Record()], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     trainer.fit(model, dm)
-    rows = [r for r in csv.DictReader(open(next((tmp_path / "log").rglob("metrics.csv")))) if r.get("step")]
+    with open(next((tmp_path / "log").rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step")]
     logged = [(float(r["batch_tokens_per_source/a"]), float(r["batch_tokens_per_source/b"])) for r in rows
               if r.get("batch_tokens_per_source/a")]
     assert len(logged) == 3 and logged == [tuple(float(x) for x in counts) for counts in seen]
