@@ -32,6 +32,7 @@ subcommands:
                                        lit-longctx convert from-hf --source HF_DIR --output model.ckpt
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
                                        lit-longctx convert from-lolcats --base HF_DIR --distill RUN_distill.pt
+                                       lit-longctx convert from-lm-benchmark --checkpoint ckpt.pt --output OUT
   generate   sample text from a checkpoint or HF directory:
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
   weight-diff  recover released weights from a weight diff (Landmark Attention's format), or make one:
@@ -284,9 +285,11 @@ def run_with_one_line_errors(call: Callable[[], Any]) -> Any:
 
 
 def _convert() -> Any:
+    from lit_longctx.lm_benchmark import convert_from_lm_benchmark
     from lit_longctx.lolcats_import import convert_from_lolcats
 
-    return {"from-hf": convert_from_hf, "to-hf": convert_to_hf, "from-lolcats": convert_from_lolcats}
+    return {"from-hf": convert_from_hf, "to-hf": convert_to_hf, "from-lolcats": convert_from_lolcats,
+            "from-lm-benchmark": convert_from_lm_benchmark}
 
 
 def _weight_diff() -> Any:

@@ -15,7 +15,6 @@ from lit_longctx.checkpoint import load_model, read_checkpoint
 from lit_longctx.hf import CheckpointError, config_from_hf, load_weights, read_hf_config
 from lit_longctx.lolcats_import import assemble_lolcats, convert_from_lolcats
 from lit_longctx.nn import Transformer
-from tests.cli_helpers import one_line_error
 from tests.test_hf import hf_model, llama_config
 
 H, D, F, R, ALPHA = 4, 16, 8, 2, 6.0  # the tiny base: 2 layers, 4 heads of 16, hidden 64, 2 KV heads
@@ -113,7 +112,7 @@ def test_stage2_adapters_merged_kept_and_converted(seed_files, tmp_path):
             torch.testing.assert_close(model.eval()(IDS).logits, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_mismatched_feature_maps_and_foreign_files_are_refused(seed_files, tmp_path):
+def test_mismatched_feature_maps_and_foreign_files_are_refused(seed_files, tmp_path, capsys):
     root, distill, _ = seed_files
     bad = {**distill, "model.layers.0.self_attn.feature_map_q.mlp.layer": torch.zeros(3, D, F)}
     torch.save({"model_state_dict": bad}, tmp_path / "bad_distill.pt")
@@ -126,6 +125,17 @@ def test_mismatched_feature_maps_and_foreign_files_are_refused(seed_files, tmp_p
         assemble_lolcats(root / "base", tmp_path / "deep.pt")
     with pytest.raises(CheckpointError, match="convert from-lolcats"):
         read_checkpoint(root / "run_distill.pt")  # init_from / convert point to the assembler
-    err = one_line_error("convert", "from-lolcats", "--base", str(root / "base"), "--distill",
-                         str(tmp_path / "bad_distill.pt"), "--output", str(tmp_path / "x.pt"))
+    err = in_process_error(capsys, "convert", "from-lolcats", "--base", str(root / "base"), "--distill",
+                           str(tmp_path / "bad_distill.pt"), "--output", str(tmp_path / "x.pt"))
     assert "feature_map_q.mlp.layer has shape (3, 16, 8)" in err and not (tmp_path / "x.pt").exists()
+
+
+def in_process_error(capsys, *args: str) -> str:
+    """``lit-longctx ARGS`` through the real entry point in this process: exit status 2 and one ``error:`` line."""
+    from lit_longctx.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
+    return err.splitlines()[-1]
