@@ -150,7 +150,7 @@ class ModelConfig:
         n_kv_heads: key/value heads (GQA when < n_heads, MQA when 1); defaults to n_heads.
         head_dim: per-head width; defaults to dim // n_heads. Need not divide dim (OpenLLaMA-3B uses 100).
         ffn_dim: SwiGLU hidden width (HF ``intermediate_size``); defaults to LLaMA's 256-multiple of 8·dim/3.
-        norm_eps: RMSNorm epsilon (Llama 2/3: 1e-5, OpenLLaMA: 1e-6).
+        norm_eps: RMSNorm (or LayerNorm) epsilon (Llama 2/3: 1e-5, OpenLLaMA: 1e-6).
         tie_embeddings: share the input embedding with the output projection.
         max_seq_len: the context the model was trained for (HF ``max_position_embeddings``). RoPE is computed for
             any position, so this only feeds scaling rules, exports and the length checks of data modules.

@@ -342,7 +342,7 @@ class HybridLinearAttention(Attention):
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ, α), each (1, H, 1, 1) in ``dtype``."""
         if self.window_factors is None:
-            one = torch.ones(1, self.n_heads, 1, 1, dtype=dtype, device=self.q_proj.weight.device)
+            one = torch.ones(1, self.n_heads, 1, 1, dtype=dtype, device=self.o_proj.weight.device)
             return one, one
         gamma = torch.sigmoid(self.window_factors.to(dtype))
         return gamma, (1 - gamma if self.affine_attention_factors else torch.ones_like(gamma))
