@@ -227,8 +227,9 @@ def convert_from_lolcats(
     lora_alpha: float = 16.0,
     keep_lora: bool = False,
 ) -> Path:
-    """Assemble the LoLCATs reference's checkpoint files onto their base model into one lit-longctx checkpoint, which
-    ``init_from``, ``generate``, ``convert to-hf`` and the evaluations read.
+    """Assemble the LoLCATs reference's stage-1/2 files onto their base model as one lit-longctx checkpoint.
+
+    ``init_from``, ``generate``, ``convert to-hf`` and the evaluations read the result.
 
     Args:
         base: the base HF LLaMA directory the reference converted.
