@@ -19,7 +19,8 @@ CANDIDATES = [os.environ.get("CHROMIUM"), "/usr/lib/chromium/chromium", shutil.w
 CHROMIUM = next((c for c in CANDIDATES if c and os.path.exists(c)), None)
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no Chromium binary (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="no Chromium binary (apt-get install chromium)")
 def test_page_streams_a_completion(server):
     n = 200  # enough decoding time that the page shows partial text before the answer is complete
     expected = server.post("/v1/completions", {"prompt": "Once upon", "max_tokens": n, "temperature": 0}).json()
