@@ -143,8 +143,13 @@ def _from_dcp(directory: Path) -> dict[str, Any]:
 
 def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> LoadedCheckpoint:
     if ckpt.get("format") == FORMAT:
-        return LoadedCheckpoint(ModelConfig.from_dict(ckpt["model_config"]), ckpt["state_dict"], ckpt.get("method",
-                                "causal"), ckpt.get("tokenizer_files", {}), ckpt.get("extra", {}), source)
+        state, extra = ckpt["state_dict"], dict(ckpt.get("extra", {}))
+        if "lora" in extra:  # kept LoRA adapters (convert from-lolcats --keep_lora) are merged for every reader
+            from lit_longctx.modules.lolcats import merge_lora_state
+
+            state = merge_lora_state(state, extra.pop("lora")["scaling"]) if with_weights else {}
+        return LoadedCheckpoint(ModelConfig.from_dict(ckpt["model_config"]), state, ckpt.get("method", "causal"),
+                                ckpt.get("tokenizer_files", {}), extra, source)
     meta = ckpt.get("lit_longctx")
     if meta is not None and "state_dict" in ckpt:
         prefix = "model."
@@ -158,6 +163,12 @@ def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> 
         return LoadedCheckpoint(ModelConfig.from_dict(meta["model_config"]), state, meta.get("method", "causal"),
                                 meta.get("tokenizer_files", {}), extra, source)
     keys = sorted(ckpt)[:10]
+    if "model_state_dict" in ckpt:
+        raise CheckpointError(
+            f"{source} is a LoLCATs reference checkpoint (feature maps / LoRA only): assemble it onto its base model "
+            "with `lit-longctx convert from-lolcats --base HF_DIR --distill RUN_distill.pt [--finetune RUN_ft.pt] "
+            "--output model.ckpt` and use that file"
+        )
     raise CheckpointError(
         f"{source} is not a lit-longctx checkpoint (top-level keys {keys}); give an HF directory, a file written by "
         "`lit-longctx convert from-hf` or a .ckpt written by `lit-longctx fit`"

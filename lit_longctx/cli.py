@@ -33,6 +33,8 @@ subcommands:
                                        lit-longctx convert from-hf --source HF_DIR --output model.ckpt
                                        lit-longctx convert to-hf --checkpoint CKPT --output HF_DIR
                                        lit-longctx convert from-meta --source META_DIR --output model.ckpt
+                                       lit-longctx convert from-lolcats --base HF_DIR --distill RUN_distill.pt
+                                       lit-longctx convert from-lm-benchmark --checkpoint ckpt.pt --output OUT
   generate   sample text from a checkpoint or HF directory (--prompts @FILE: one prompt a line, batched):
                                        lit-longctx generate --checkpoint CKPT_OR_HF_DIR --prompt "Once upon"
   evaluate   lm-evaluation-harness tasks through the method's inference path:
@@ -420,9 +422,12 @@ def run_with_one_line_errors(call: Callable[[], Any], argv: list[str] | None = N
 
 
 def _convert() -> Any:
+    from lit_longctx.lm_benchmark import convert_from_lm_benchmark
+    from lit_longctx.lolcats_import import convert_from_lolcats
     from lit_longctx.meta import convert_from_meta
 
-    return {"from-hf": convert_from_hf, "from-meta": convert_from_meta, "to-hf": convert_to_hf}
+    return {"from-hf": convert_from_hf, "from-meta": convert_from_meta, "to-hf": convert_to_hf,
+            "from-lolcats": convert_from_lolcats, "from-lm-benchmark": convert_from_lm_benchmark}
 
 
 def _weight_diff() -> Any:

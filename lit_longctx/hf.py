@@ -88,6 +88,11 @@ def config_to_hf(config: ModelConfig, extra: dict[str, Any] | None = None) -> di
     """transformers ``LlamaConfig`` dict for a ModelConfig (attention kinds other than causal are method extras)."""
     from transformers import LlamaConfig
 
+    if not config.is_llama:
+        raise CheckpointError(
+            f"this model has GPT-style blocks (norm={config.norm}, mlp={config.mlp}, fused_qkv={config.fused_qkv}, "
+            f"rope_pairs={config.rope_pairs}), which an HF LLaMA directory cannot hold; keep the lit-longctx checkpoint"
+        )
     rope_parameters = {"rope_theta": config.rope.rope_theta, "rope_type": "default"}
     rope_parameters.update(config.rope.to_hf() or {})
     hf = LlamaConfig(

@@ -4,7 +4,8 @@ keep a run from losing its work (non-finite guard, final and interrupt checkpoin
 from lit_longctx.callbacks.global_batch import GlobalBatch
 from lit_longctx.callbacks.long_eval import LongEvalCallback
 from lit_longctx.callbacks.safety import FinalCheckpoint, InterruptCheckpoint, NonFiniteGuard
+from lit_longctx.callbacks.source_tokens import SourceTokens
 from lit_longctx.callbacks.throughput import ThroughputCallback
 
 __all__ = ["FinalCheckpoint", "GlobalBatch", "InterruptCheckpoint", "LongEvalCallback", "NonFiniteGuard",
-           "ThroughputCallback"]
+           "SourceTokens", "ThroughputCallback"]

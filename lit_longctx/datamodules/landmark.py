@@ -10,6 +10,13 @@ A landmark closes every block of ``mem_freq`` (ℓ) regular tokens. Two placemen
 
 Either way landmark i (counting from 0, grid starting at index 0) lands at augmented index i·(ℓ + 1) + ℓ.
 
+For training rows, :class:`LandmarkData` offers a third layout, ``stream`` (the seed's PG19 batches,
+``optim/utils.py::get_batch``): the grid is global across rows, as if landmarks had been inserted once on the whole
+stream and each window of L = T + ⌊T/ℓ⌋ tokens cut at an arbitrary offset, so a window usually starts mid-block (and
+with probability 1/(ℓ + 1) on a landmark). Each row gets a grid phase φ ∈ [0, ℓ] drawn from (seed, epoch, position)
+— the position of its first token inside its block (φ = ℓ: the landmark closing the previous block) — which is the
+distribution of phases of uniformly random offsets; ``global`` instead starts the grid at every row.
+
 Labels (spec §1.3) follow lit-longctx's convention of *aligned* targets (``labels[t]`` is the token that should follow
 ``input_ids[t]``, −100 = ignored, no shift in the model). ``include_landmark_in_loss``:
 
@@ -48,7 +55,8 @@ from lit_longctx.nn.llama import Transformer
 from lit_longctx.nn.loss import IGNORE_INDEX
 from lit_longctx.tokenizers import Tokenizer
 
-Rule = Literal["per_row", "global"]
+Rule = Literal["per_row", "global", "stream"]
+RULES = ("per_row", "global", "stream")
 LANDMARK_PIECE = "<landmark>"
 
 TokenLike = torch.Tensor | np.ndarray | Sequence[int] | Sequence[Sequence[int]]
@@ -72,14 +80,15 @@ def insert_landmarks(
     """Insert ``landmark_id`` every ``mem_freq`` tokens along the last dim of ``ids`` (..., n).
 
     Args:
-        rule: ``per_row`` (no landmark after the last token of a row) or ``global`` (stream grid).
+        rule: ``per_row`` (no landmark after the last token of a row) or ``global`` (stream grid; ``stream`` is
+            the same insertion).
         start: ``global`` only: stream index of the first token, so the grid continues across pieces of a stream.
     """
     _check_freq(mem_freq)
     ids = _as_ids(ids)
     if bool((ids == landmark_id).any()):
         raise ValueError(f"the input already holds landmark id {landmark_id}; remove_landmarks() first")
-    if rule == "global":
+    if rule in ("global", "stream"):
         if start < 0:
             raise ValueError(f"start must be >= 0 (stream index of the first token), got {start}")
         return insert_on_grid(ids, mem_freq, landmark_id, start % mem_freq)
@@ -146,6 +155,10 @@ class LandmarkInsertion:
     the regular token's target, otherwise the landmark's target is ignored. An ignored target stays ignored.
     ``eot_id`` additionally ignores targets at end-of-text inputs (PG19). ``position_ids`` (contiguous rows only)
     are renumbered; other per-token tensors are refused rather than guessed.
+
+    ``rule="stream"``: ``phase`` φ ∈ [0, ℓ] places the row on the global grid (φ regular tokens of the open block
+    precede it; φ = ℓ: the row starts with the landmark closing that block), and the result is cropped to
+    n + ⌊n/ℓ⌋ tokens, the window length of the seed's PG19 batches.
     """
 
     def __init__(
@@ -157,21 +170,33 @@ class LandmarkInsertion:
         eot_id: int | None = None,
     ) -> None:
         _check_freq(mem_freq)
-        if rule not in ("per_row", "global"):
-            raise ValueError(f"rule={rule!r} is unknown; use 'per_row' (LLaMA) or 'global' (PG19)")
+        _check_rule(rule)
         self.mem_freq, self.landmark_id, self.rule = mem_freq, landmark_id, rule
         self.include_landmark_in_loss, self.eot_id = include_landmark_in_loss, eot_id
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def phase(self, seed: int, epoch: int, position: int) -> int:
+        """The grid phase of the row at (``epoch``, ``position``) for ``rule="stream"`` (0 for the other rules)."""
+        if self.rule != "stream":
+            return 0
+        return int(np.random.default_rng([seed, epoch + 1, position, 50260]).integers(0, self.mem_freq + 1))
+
+    def __call__(self, batch: dict[str, Any], phase: int = 0) -> dict[str, Any]:
         x = _as_ids(batch["input_ids"])
         b, n = x.shape
         unknown = [key for key, value in batch.items() if key not in ("input_ids", "labels", "position_ids")
                    and isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == (b, n)]
         if unknown:
             raise ValueError(f"batch key {unknown[0]!r} is per-token; LandmarkInsertion does not know how to extend it")
-        aug = insert_landmarks(x, self.mem_freq, self.landmark_id, self.rule)
+        ell = self.mem_freq
+        if not 0 <= phase <= ell or (phase and self.rule != "stream"):
+            raise ValueError(f"phase must be 0 (or in [0, mem_freq] with rule='stream'), got {phase}")
+        lead = int(phase == ell)  # the window opens on the landmark that closes the previous block
+        start = phase % ell  # regular tokens of the open block before the row
+        aug = insert_landmarks(x, ell, self.landmark_id, "global" if self.rule == "stream" else self.rule, start)
+        if lead:
+            aug = torch.cat([torch.full_like(aug[:, :1], self.landmark_id), aug], dim=1)
         t = torch.arange(n)
-        index = t + t // self.mem_freq  # augmented index of regular token t (grid from column 0)
+        index = lead + t + (start + t) // ell  # augmented index of regular token t
         out = dict(batch)
         out["input_ids"] = aug
         if "labels" in batch:
@@ -181,11 +206,13 @@ class LandmarkInsertion:
             if self.eot_id is not None:
                 y = y.masked_fill(x == self.eot_id, IGNORE_INDEX)
             labels = torch.full_like(aug, IGNORE_INDEX)
-            closes = (t + 1) % self.mem_freq == 0
+            closes = (start + t + 1) % ell == 0
             closes &= index + 1 < aug.shape[1]  # a landmark really follows (per-row: none after the last token)
             if self.include_landmark_in_loss:
                 labels[:, index] = torch.where(closes & (y != IGNORE_INDEX), self.landmark_id, y)
                 labels[:, index[closes] + 1] = y[:, closes]
+                if lead:  # the leading landmark predicts the row's first token
+                    labels[:, 0] = x[:, 0]
             else:
                 labels[:, index] = y
             out["labels"] = labels
@@ -194,7 +221,16 @@ class LandmarkInsertion:
             if bool((pos != pos[:, :1] + torch.arange(n)).any()):
                 raise ValueError("landmark insertion needs contiguous position_ids per row (no packed restarts)")
             out["position_ids"] = pos[:, :1] + torch.arange(aug.shape[1])
+        if self.rule == "stream":  # windows of a fixed length, whatever the phase
+            length = n + n // ell
+            out = {k: (v[:, :length] if k in ("input_ids", "labels", "position_ids") else v) for k, v in out.items()}
         return out
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} is unknown; use 'per_row' (LLaMA), 'global' (PG19 grid from each row start) "
+                         "or 'stream' (PG19 grid global across rows, windows starting mid-block)")
 
 
 # --------------------------------------------------------------------------------------------------- vocabulary
@@ -213,12 +249,12 @@ def with_landmark(tokenizer: Tokenizer, piece: str = LANDMARK_PIECE) -> Tokenize
 
 
 # ------------------------------------------------------------------------------------------------- data module
-def _insert_into_sample(sample: dict[str, Any], transform: LandmarkInsertion) -> dict[str, Any]:
+def _insert_into_sample(sample: dict[str, Any], transform: LandmarkInsertion, phase: int = 0) -> dict[str, Any]:
     """One row (dict of 1-D tensors) through ``transform``. ``position_ids`` are dropped: landmark attention runs
     over the whole row (blocks straddle documents, as the paper's PG19 and RedPajama rows do), with positions
     0..L-1."""
     row = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in sample.items() if k != "position_ids"}
-    return {k: (v.squeeze(0) if isinstance(v, torch.Tensor) else v) for k, v in transform(row).items()}
+    return {k: (v.squeeze(0) if isinstance(v, torch.Tensor) else v) for k, v in transform(row, phase).items()}
 
 
 class LandmarkStream(SampleStream):
@@ -242,7 +278,8 @@ class LandmarkStream(SampleStream):
         return self.inner.num_samples
 
     def sample_at(self, epoch: int, position: int) -> dict[str, Any]:
-        return _insert_into_sample(self.inner.sample_at(epoch, position), self.transform)
+        phase = self.transform.phase(self.seed, epoch, position)
+        return _insert_into_sample(self.inner.sample_at(epoch, position), self.transform, phase)
 
     def batches_per_epoch(self, world_size: int, batch_size: int) -> int:
         return self.inner.batches_per_epoch(world_size, batch_size)
@@ -260,17 +297,19 @@ class LandmarkRows(Dataset):
     Args:
         inner: the rows.
         transform: the insertion.
+        seed: draws the grid phase of each row under ``rule="stream"``.
     """
 
-    def __init__(self, inner: Dataset, transform: LandmarkInsertion) -> None:
+    def __init__(self, inner: Dataset, transform: LandmarkInsertion, seed: int = 0) -> None:
         self.inner = inner
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return _insert_into_sample(self.inner[index], self.transform)
+        return _insert_into_sample(self.inner[index], self.transform, self.transform.phase(self.seed, -1, index))
 
 
 class LandmarkData(LongCtxDataModule):
@@ -284,8 +323,10 @@ class LandmarkData(LongCtxDataModule):
         data: the token source: any lit-longctx DataModule (``class_path`` + ``init_args`` in YAML), producing rows of
             T regular tokens with aligned labels (TextData, TokenFiles, PasskeyMixData, ...).
         mem_freq: regular tokens per block (ℓ_block; the paper uses 50). Must equal the model's.
-        rule: ``per_row`` (LLaMA fine-tune: no landmark after a row's last block, T + ⌊(T − 1)/ℓ⌋ tokens) or
-            ``global`` (PG19 grid from the row start: a landmark after every ℓ-th token, T + ⌊T/ℓ⌋ tokens).
+        rule: ``per_row`` (LLaMA fine-tune: no landmark after a row's last block, T + ⌊(T − 1)/ℓ⌋ tokens),
+            ``global`` (PG19 grid from the row start: a landmark after every ℓ-th token, T + ⌊T/ℓ⌋ tokens) or
+            ``stream`` (the seed's PG19 windows: the grid is global across rows, so windows of T + ⌊T/ℓ⌋ tokens
+            start at any phase of a block, landmark included; see the module docstring).
         include_landmark_in_loss: False (default; PG19 and the Triton LLaMA path): landmarks are never targets.
             True (the released LLaMA weights): the token before a landmark predicts it. Must equal the model's.
         ignore_eos_inputs: no loss where the input is the tokenizer's EOS (PG19: the first token of the next document
@@ -314,8 +355,7 @@ class LandmarkData(LongCtxDataModule):
             raise ValueError(f"seq_len={seq_len} but the inner data module makes rows of {data.seq_len} tokens: set "
                              "seq_len on the inner module (data.init_args.seq_len) and leave this one null")
         _check_freq(mem_freq)
-        if rule not in ("per_row", "global"):
-            raise ValueError(f"rule={rule!r} is unknown; use 'per_row' (LLaMA) or 'global' (PG19)")
+        _check_rule(rule)
         super().__init__(data.tokenizer_spec, data.seq_len, data.batch_size, data.num_workers, data.seed)
         self.data = data
         self.mem_freq = mem_freq
@@ -368,7 +408,7 @@ class LandmarkData(LongCtxDataModule):
 
     def val_dataset(self) -> Dataset | None:
         rows = self.data.val_dataset()
-        return None if rows is None else LandmarkRows(rows, self.transform())
+        return None if rows is None else LandmarkRows(rows, self.transform(), self.seed)
 
 
 @torch.no_grad()

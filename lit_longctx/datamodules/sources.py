@@ -4,10 +4,16 @@ Local text / jsonl / parquet files (or globs, or directories of them) and hub da
 (``load_dataset("text" | "json" | "parquet", data_files=...)`` works offline). Built-in sources need no files:
 ``builtin:pydoc`` is Python's own documentation topics (``pydoc_data.topics``, about 465 KB of English prose on every
 CPython; each topic one document), enough for a CPU quickstart.
+
+Pre-tokenized sources (FoT's original data, EasyLM's ``JsonDataset`` with a ``{field}`` text-processor field): with
+``tokens_field`` set, each JSON/parquet example holds its token ids in that field, either as a list of ints or as a
+base64 string of raw ``tokens_dtype`` ids (EasyLM's ``base64_token_dtype``, default ``i4``: little-endian int32); the
+ids are used as they are (no tokenizer call), wrapped in the tokenizer's BOS/EOS like every document.
 """
 
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import sys
@@ -15,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from lit_longctx.nn.config import ConfigError
 from lit_longctx.storage import glob as remote_glob
@@ -44,6 +52,10 @@ class TextSource:
             ``line``.
         name: configuration name of a hub dataset.
         split: split of a hub dataset.
+        tokens_field: the field holding pre-tokenized ids (list of ints, or base64 of ``tokens_dtype`` ids) instead
+            of text (json, parquet and hub sources); the tokenizer then only supplies BOS/EOS and the vocabulary.
+        tokens_dtype: numpy dtype of base64-encoded ids (EasyLM's ``base64_token_dtype``; ``i4`` = int32).
+        tag: the source's name in logs (``batch_tokens_per_source/<tag>``); default: the file or dataset name.
     """
 
     path: str
@@ -53,6 +65,9 @@ class TextSource:
     sample_by: Literal["document", "paragraph", "line"] = "document"
     name: str | None = None
     split: str = "train"
+    tokens_field: str | None = None
+    tokens_dtype: str = "i4"
+    tag: str | None = None
 
     def __post_init__(self) -> None:
         # ConfigError (a ValueError): the CLI builds sources while trying ``str | TextSource``, see ConfigError
@@ -62,10 +77,47 @@ class TextSource:
             raise ConfigError(f"unknown sample_by {self.sample_by!r}: use document, paragraph or line")
         if not self.weight >= 0:
             raise ConfigError(f"source {self.path!r} has weight {self.weight}: weights must be >= 0")
+        if self.tokens_field is not None:
+            if self.format == "text" or self.path.startswith(BUILTIN_PREFIX):
+                raise ConfigError(f"source {self.path!r}: tokens_field needs json, parquet or hub data (pre-tokenized "
+                                  "ids in a field), not plain text")
+            try:
+                kind = np.dtype(self.tokens_dtype).kind
+            except TypeError as err:
+                raise ConfigError(f"source {self.path!r}: tokens_dtype={self.tokens_dtype!r} is not a numpy dtype "
+                                  "(EasyLM writes i4)") from err
+            if kind not in "iu":
+                raise ConfigError(f"source {self.path!r}: tokens_dtype={self.tokens_dtype!r} is not an integer dtype")
 
     @property
     def label(self) -> str:
         return self.path if self.name is None else f"{self.path}[{self.name}]"
+
+    @property
+    def log_name(self) -> str:
+        """The source's name in per-source metrics."""
+        if self.tag is not None:
+            return self.tag
+        stem = Path(self.path.removeprefix(HUB_PREFIX).removeprefix(BUILTIN_PREFIX)).name.split(".")[0]
+        return stem if self.name is None else f"{stem}-{self.name}"
+
+
+def decode_tokens(value: Any, dtype: str = "i4", where: str = "") -> list[int]:
+    """Token ids of one pre-tokenized example: a list of ints, or a base64 string of raw ``dtype`` ids."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except ValueError as err:
+            raise ValueError(f"{where}: the tokens field is neither a list of ids nor valid base64 ({err})") from err
+        width = np.dtype(dtype).itemsize
+        if len(raw) % width:
+            raise ValueError(f"{where}: {len(raw)} base64-decoded bytes are not a whole number of {dtype} ids; set "
+                             "tokens_dtype to the dtype the ids were written with")
+        return np.frombuffer(raw, dtype=dtype).astype(np.int64).tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                                for t in value):
+        return [int(t) for t in value]
+    raise ValueError(f"{where}: the tokens field holds {type(value).__name__}, not a list of ids or a base64 string")
 
 
 def as_source(spec: str | TextSource | Mapping[str, Any]) -> TextSource:
@@ -166,9 +218,10 @@ def source_identity(source: TextSource) -> dict[str, Any]:
         if name not in BUILTIN_SOURCES:
             raise ValueError(f"unknown built-in source {source.path!r}: available {sorted(BUILTIN_SOURCES)}")
         return {"kind": "builtin", "name": name, "python": sys.version}
+    tokens = {"tokens_field": source.tokens_field, "tokens_dtype": source.tokens_dtype} if source.tokens_field else {}
     if source.path.startswith(HUB_PREFIX):
         return {"kind": "hub", "dataset": source.path[len(HUB_PREFIX):], "config": source.name, "split": source.split,
-                "text_field": source.text_field}
+                "text_field": source.text_field, **tokens}
     files = resolve_files(source)
     fmt = source_format(source, files)
     identity: dict[str, Any] = {"kind": "files", "format": fmt,
@@ -177,6 +230,7 @@ def source_identity(source: TextSource) -> dict[str, Any]:
         identity["sample_by"] = source.sample_by
     else:
         identity["text_field"] = source.text_field
+    identity.update(tokens)
     return identity
 
 
@@ -191,8 +245,8 @@ class _Column:
 
     def __iter__(self) -> Iterator[str]:
         for batch in self.dataset.iter(batch_size=1024):
-            for text in batch[self.field]:
-                yield text or ""
+            for value in batch[self.field]:
+                yield "" if value is None else value
 
 
 def _is_blank(path: Path) -> bool:
@@ -253,7 +307,7 @@ def load_documents(source: TextSource, cache_dir: str | Path | None = None) -> S
     import datasets
 
     cache = str(cache_dir) if cache_dir is not None else None
-    field = source.text_field
+    field = source.tokens_field or source.text_field
     if source.path.startswith(HUB_PREFIX):
         name = source.path[len(HUB_PREFIX):]
         try:
@@ -277,11 +331,12 @@ def load_documents(source: TextSource, cache_dir: str | Path | None = None) -> S
                                             **kwargs)
         except Exception as err:  # datasets wraps parse errors of every format in DatasetGenerationError
             raise _unreadable(source, fmt, files, err) from err
-        if fmt == "text":
+        if fmt == "text" and source.tokens_field is None:
             field = "text"  # the text builder's only column
     if field not in dataset.column_names:
         raise ValueError(
-            f"source {source.label!r} has no field {field!r}; its fields are {dataset.column_names}: set text_field="
+            f"source {source.label!r} has no field {field!r}; its fields are {dataset.column_names}: set "
+            f"{'tokens_field' if source.tokens_field else 'text_field'}="
         )
     return _Column(dataset, field)
 

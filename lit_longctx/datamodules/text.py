@@ -36,7 +36,7 @@ from filelock import FileLock
 from torch.utils.data import ConcatDataset, Dataset
 
 from lit_longctx.datamodules.base import LongCtxDataModule, SampleStream, distributed_rank
-from lit_longctx.datamodules.sources import TextSource, as_source, load_documents, source_identity
+from lit_longctx.datamodules.sources import TextSource, as_source, decode_tokens, load_documents, source_identity
 from lit_longctx.datamodules.token_files import (
     TokenFileWriter,
     TokenSplit,
@@ -133,6 +133,17 @@ def held_out(num_docs: int, val_fraction: float, val_docs: int | None, label: st
     if k:
         mask[((np.arange(k) + 0.5) * num_docs / k).astype(np.int64)] = True
     return mask
+
+
+def pretokenized_ids(value: Any, source: TextSource, index: int, vocab_size: int) -> list[int]:
+    """The ids of example ``index`` of a pre-tokenized source, checked against the vocabulary."""
+    where = f"source {source.label!r}, example {index}, field {source.tokens_field!r}"
+    ids = [] if isinstance(value, str) and not value else decode_tokens(value, source.tokens_dtype, where)
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{where}: token id {bad[0]} is outside the tokenizer's vocabulary [0, {vocab_size}): give "
+                         "the tokenizer the ids were made with (or the right tokens_dtype)")
+    return ids
 
 
 def _digest(obj: Any) -> str:
@@ -250,6 +261,8 @@ class TextData(LongCtxDataModule):
         return max(i for i in ids if i is not None)
 
     def _training_documents(self, index: int, docs: Any) -> Any:
+        if self.sources[index].tokens_field is not None:  # pre-tokenized: nothing to train a tokenizer on
+            return iter(())
         mask = held_out(len(docs), self.val_fraction, self.val_docs, self.sources[index].label)
         return (text for i, text in enumerate(docs) if not mask[i] and text.strip())
 
@@ -320,9 +333,13 @@ class TextData(LongCtxDataModule):
         bos, eos = tok.bos_id is not None, tok.eos_id is not None
         writers = {"train": TokenFileWriter(tmp / "train.bin", tok.vocab_size),
                    "val": TokenFileWriter(tmp / "val.bin", tok.vocab_size)}
-        for i, text in enumerate(docs):
-            if text.strip():
-                writers["val" if mask[i] else "train"].add(tok.encode(text, bos=bos, eos=eos))
+        for i, value in enumerate(docs):
+            if source.tokens_field is not None:  # pre-tokenized (EasyLM {field}): ids as given, BOS/EOS added
+                ids = pretokenized_ids(value, source, i, tok.vocab_size)
+                if ids:
+                    writers["val" if mask[i] else "train"].add([tok.bos_id] * bos + ids + [tok.eos_id] * eos)
+            elif value.strip():
+                writers["val" if mask[i] else "train"].add(tok.encode(value, bos=bos, eos=eos))
         entries = {name: writer.close() for name, writer in writers.items()}
         if entries["train"]["num_tokens"] == 0:
             raise ValueError(f"source {source.label!r} has no training text ({len(docs)} documents, all empty "

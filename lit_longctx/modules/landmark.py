@@ -44,7 +44,7 @@ def grow_rows(state: dict[str, torch.Tensor], vocab_size: int, tied: bool) -> di
 
 
 #: settings that only concern inference: given to the module, they apply over a restored checkpoint's values
-INFERENCE_SETTINGS = ("top_k", "selection", "chunk_length", "offload_to_cpu")
+INFERENCE_SETTINGS = ("top_k", "selection", "chunk_length", "offload_to_cpu", "mem_cache_size")
 
 
 class Landmark(CausalLM):
@@ -65,6 +65,8 @@ class Landmark(CausalLM):
             ``top_k`` (the seed's maintained code: 200 for 512, ℓ 50, k 5).
         offload_to_cpu: keep cached blocks in CPU memory at inference (only landmark keys stay on the accelerator);
             default false.
+        mem_cache_size: most blocks kept per layer at inference (a FIFO ring, oldest evicted; paper Table 1's
+            "blocks in memory", the seed's ``--mem_cache_size``); default null (every block).
         include_landmark_in_loss: the label convention of the data (see ``LandmarkData``); at inference it picks which
             output predicts the token after a landmark. Default false. Must equal the data's.
         train_context_length: regular tokens per training row, recorded in the model (and config.json) for the
@@ -86,6 +88,7 @@ class Landmark(CausalLM):
         path: Literal["blockwise", "reference"] | None = None,
         chunk_length: int | None = None,
         offload_to_cpu: bool | None = None,
+        mem_cache_size: int | None = None,
         include_landmark_in_loss: bool | None = None,
         train_context_length: int | None = None,
         landmark_id: int | None = None,
@@ -93,7 +96,8 @@ class Landmark(CausalLM):
         **kwargs: Any,
     ) -> None:
         given = dict(mem_freq=mem_freq, top_k=top_k, selection=selection, path=path, chunk_length=chunk_length,
-                     offload_to_cpu=offload_to_cpu, include_landmark_in_loss=include_landmark_in_loss,
+                     offload_to_cpu=offload_to_cpu, mem_cache_size=mem_cache_size,
+                     include_landmark_in_loss=include_landmark_in_loss,
                      train_context_length=train_context_length or kwargs.get("seq_len"))
         self._given = {k: v for k, v in given.items() if v is not None}
         LandmarkOptions(**self._given).check_settings()
@@ -189,7 +193,8 @@ class Landmark(CausalLM):
     # ------------------------------------------------------------------------------------------------ inference
     def inference_session(self, batch_size: int = 1, **kwargs: Any) -> LandmarkSession:
         """A :class:`LandmarkSession` with the model's retrieval options, replaced by the ones given to this module
-        (``top_k``, ``selection``, ``chunk_length`` as the prefill chunk, ``offload_to_cpu``) and then by ``kwargs``
+        (``top_k``, ``selection``, ``chunk_length`` as the prefill chunk, ``offload_to_cpu``, ``mem_cache_size``) and
+        then by ``kwargs``
         (e.g. an evaluation batch's ``session_kwargs``)."""
         # the model's options hold these already, except when a restored checkpoint's config replaced them
         settings = {k: v for k, v in self._given.items() if k in INFERENCE_SETTINGS}

@@ -250,11 +250,14 @@ class AttentionTransfer(_LinearizedLM):
         feature_dim: F, features per half of φ (64 in every published config; ≤ head_dim for identity init).
         window_size: w, the softmax window / terrace block (64).
         window: ``tk`` terrace (the headline results), ``sw`` sliding, or ``none`` (pure linear, Hedgehog).
-        block_alignment: ``start`` (prefix-consistent) or ``end`` (the PyTorch reference) terrace blocks.
+        block_alignment: ``end`` (default: the reference's terrace blocks, aligned to the end of each sequence) or
+            ``start`` (prefix-consistent, the ThunderKittens kernel); they differ when L % w != 0 and L > 2w.
         feature_map_init: ``identity`` (the published ``--lk_zero_init``), ``kaiming_uniform`` or ``normal``.
         init_window_factor: initial θ (γ = σ(θ)); default logit(0.1).
         affine_attention_factors: weight the linear part by 1 − γ instead of 1.
         decode_window: ``sliding`` (the reference's decode) or ``terrace`` (tk, start alignment only).
+        prefill: ``forward`` (the prompt with the layer's forward, then the decode window: the reference's
+            generation) or ``decode_window`` (every cached position with the decode window).
         attention_path: ``scan`` (linear-time) or ``quadratic`` (reference); xent_factor > 0 uses quadratic anyway.
         softmax_layers: layers kept as softmax attention (e.g. [7, 15, 23, 31]); the rest are converted.
         mse_factor: weight of the mean per-layer output MSE.
@@ -276,11 +279,12 @@ class AttentionTransfer(_LinearizedLM):
         feature_dim: int = 64,
         window_size: int = 64,
         window: Literal["tk", "sw", "none"] = "tk",
-        block_alignment: Literal["start", "end"] = "start",
+        block_alignment: Literal["start", "end"] = "end",
         feature_map_init: Literal["identity", "kaiming_uniform", "normal"] = "identity",
         init_window_factor: float = math.log(0.1 / 0.9),
         affine_attention_factors: bool = False,
         decode_window: Literal["sliding", "terrace"] = "sliding",
+        prefill: Literal["forward", "decode_window"] = "forward",
         attention_path: Literal["scan", "quadratic"] = "scan",
         softmax_layers: list[int] | None = None,
         mse_factor: float = 1000.0,
@@ -309,7 +313,7 @@ class AttentionTransfer(_LinearizedLM):
                 "block_alignment": hp.block_alignment, "feature_map_init": hp.feature_map_init,
                 "init_window_factor": float(hp.init_window_factor),
                 "affine_attention_factors": hp.affine_attention_factors, "decode_window": hp.decode_window,
-                "path": hp.attention_path}
+                "prefill": hp.prefill, "path": hp.attention_path}
 
     def model_config_overrides(self, config: ModelConfig) -> dict[str, Any]:
         kept = sorted(set(self.hparams.softmax_layers or []))

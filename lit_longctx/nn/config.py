@@ -162,7 +162,7 @@ class ModelConfig:
         n_kv_heads: key/value heads (GQA when < n_heads, MQA when 1); defaults to n_heads.
         head_dim: per-head width; defaults to dim // n_heads. Need not divide dim (OpenLLaMA-3B uses 100).
         ffn_dim: SwiGLU hidden width (HF ``intermediate_size``); defaults to LLaMA's 256-multiple of 8·dim/3.
-        norm_eps: RMSNorm epsilon (Llama 2/3: 1e-5, OpenLLaMA: 1e-6).
+        norm_eps: RMSNorm (or LayerNorm) epsilon (Llama 2/3: 1e-5, OpenLLaMA: 1e-6).
         tie_embeddings: share the input embedding with the output projection.
         max_seq_len: the context the model was trained for (HF ``max_position_embeddings``). RoPE is computed for
             any position, so this only feeds scaling rules, exports and the length checks of data modules.
@@ -179,6 +179,11 @@ class ModelConfig:
         bos_token_id: recorded for exports; the tokenizer is the source of truth.
         eos_token_id: recorded for exports.
         pad_token_id: recorded for exports.
+        norm: ``rmsnorm`` (LLaMA) or ``layernorm`` (GPT-2-style, no bias; the Landmark seed's PG19 model).
+        mlp: ``swiglu`` (LLaMA: gate/up/down) or ``gelu`` (GPT-2: up/down with exact GELU).
+        fused_qkv: one ``qkv_proj`` (q, k, v rows stacked, GPT-2's ``c_attn``) instead of q/k/v projections.
+        rope_pairs: ``half`` (HF/LLaMA: dims i and i + D/2 rotate together) or ``interleaved`` (dims 2i, 2i+1, the
+            seed's GPT rotary); same frequencies θ^(−2i/D).
     """
 
     vocab_size: int = 32000
@@ -202,6 +207,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    fused_qkv: bool = False
+    rope_pairs: Literal["half", "interleaved"] = "half"
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
@@ -236,6 +245,11 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.attn_backend not in ("sdpa", "eager", "flash_attn"):
             raise ConfigError(f"attn_backend={self.attn_backend!r} is unknown; use sdpa, eager or flash_attn")
+        choices = (("norm", self.norm, ("rmsnorm", "layernorm")), ("mlp", self.mlp, ("swiglu", "gelu")),
+                   ("rope_pairs", self.rope_pairs, ("half", "interleaved")))
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is unknown; use {' or '.join(allowed)}")
         bad = [i for i in self.layer_attention if not 0 <= i < self.n_layers]
         if bad:
             raise ConfigError(
@@ -255,6 +269,11 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    @property
+    def is_llama(self) -> bool:
+        """Whether the blocks are LLaMA's (what HF ``LlamaForCausalLM`` can hold), not the GPT-style options."""
+        return (self.norm, self.mlp, self.fused_qkv, self.rope_pairs) == ("rmsnorm", "swiglu", False, "half")
+
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count computed from the shapes (no model needed).
 
@@ -264,7 +283,8 @@ class ModelConfig:
         attn = self.dim * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.dim
         if self.attention_bias:
             attn += self.q_dim + 2 * self.kv_dim + self.dim
-        mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
+        mats = 3 if self.mlp == "swiglu" else 2
+        mlp = mats * self.dim * self.ffn_dim + ((mats - 1) * self.ffn_dim + self.dim if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * self.dim
         total = self.n_layers * per_layer + self.dim
         table = self.vocab_size * self.dim

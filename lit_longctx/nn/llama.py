@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lit_longctx.nn.attention import AttentionContext, build_attention, check_forward_extras, get_attention
 from lit_longctx.nn.config import ModelConfig
+from lit_longctx.nn.gpt import GELUMLP, LayerNorm
 from lit_longctx.nn.loss import linear_cross_entropy
 from lit_longctx.nn.rope import RotaryEmbedding
 from lit_longctx.nn.session import check_attention_mask, padded_positions
@@ -55,16 +56,25 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+#: ``ModelConfig.norm`` / ``ModelConfig.mlp`` -> module (GPT-2-style parts for the Landmark seed's model, nn/gpt.py)
+NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+MLPS: dict[str, type[nn.Module]] = {"swiglu": MLP, "gelu": GELUMLP}
+
+
+def build_norm(config: ModelConfig) -> nn.Module:
+    return NORMS[config.norm](config.dim, config.norm_eps)
+
+
 class Block(nn.Module):
     """Pre-norm decoder block: h + attn(norm(h)), then + mlp(norm(h))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.input_layernorm = build_norm(config)
         self.self_attn = build_attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = build_norm(config)
+        self.mlp = MLPS[config.mlp](config)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext, cache: Any | None = None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), ctx, cache)
@@ -78,7 +88,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = build_norm(config)
 
 
 @dataclass

@@ -116,12 +116,12 @@ def test_checkpoint_of_another_method_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------ inference
 def test_inference_session_carries_the_module_settings():
     module = Landmark(model={"vocab_size": 300, **SMALL}, tokenizer="byte", mem_freq=8, top_k=3,
-                      selection="max_over_heads", chunk_length=16)
+                      selection="max_over_heads", chunk_length=16, mem_cache_size=6)
     module.configure_model()
     session = module.inference_session()
     caches = [c for c in session.state.caches if isinstance(c, LandmarkCache)]
     assert isinstance(session, LandmarkSession) and len(caches) == 2
-    assert all(c.top_k == 3 and c.selection == "max_over_heads" for c in caches)
+    assert all(c.top_k == 3 and c.selection == "max_over_heads" and c.mem_cache_size == 6 for c in caches)
     assert session.prefill_chunk == 16
     overridden = module.inference_session(top_k=1, prefill_chunk=8)  # an evaluation batch's session_kwargs
     assert all(c.top_k == 1 for c in overridden.state.caches) and overridden.prefill_chunk == 8

@@ -345,7 +345,7 @@ SCHEDULES = [[9] + [1] * 14, [3, 1, 5, 1, 1, 2, 7, 1, 1, 2], [1] * 23]
 @pytest.mark.parametrize("chunks", SCHEDULES)
 @pytest.mark.parametrize("path", ["scan", "quadratic"])
 def test_sliding_decode_equals_sliding_forward(chunks, path):
-    layer, cfg = make_layer(window="tk", decode_window="sliding", path=path)
+    layer, cfg = make_layer(window="tk", decode_window="sliding", prefill="decode_window", path=path)
     x = torch.randn(2, 23, 32, dtype=DT)
     reference = run_layer(clone_layer(layer, cfg, window="sw"), cfg, x)
     decoded, sizes = decode_in_chunks(layer, cfg, x, chunks)

@@ -129,17 +129,53 @@ def test_landmark_session_padded_batch_equals_rows_alone(chunk, selection):
     check_rows(model, rows, steps=7, prefill_chunk=chunk)
 
 
+@pytest.mark.parametrize(("size", "chunk"), [(1, 6), (3, 6), (2, 5)])
+def test_landmark_bounded_memory_of_a_padded_batch_is_each_rows_own(size, chunk):
+    """mem_cache_size (a FIFO of blocks): every row keeps its own newest ``size`` token blocks, as alone, although
+    the rows' pad blocks (leading chunks and pads between chunks) sit in one stream with their tokens."""
+    model = model_of(**landmark(mem_cache_size=size))
+    rows = prompts(lengths=(23, 8, 17, 2, 11))  # one grid (n mod 3 equal): pads between the chunks of short rows
+    check_rows(model, rows, steps=9, prefill_chunk=chunk)
+    ids, mask = left_pad(rows, pad_id=0)
+    session = session_for(model, len(rows), prefill_chunk=chunk)
+    with torch.no_grad():
+        session.prefill(ids, attention_mask=mask)
+        for _ in range(3 * 6):  # 6 blocks of tokens for every row: no row keeps an older block
+            session.step(torch.ones(len(rows), 1, dtype=torch.long))
+    caches = [c for _, child in session._groups for c in child.state.caches]
+    assert caches and all(c.n_blocks == size for c in caches)  # the memory stays bounded (blocks no row keeps go)
+    with pytest.raises(ValueError, match="record_retrieval.*one prompt at a time"):
+        session_for(model, len(rows), record_retrieval=True).prefill(ids, attention_mask=mask)
+
+
 def lolcats(**options) -> dict:
     return dict(layer_attention={0: "hybrid_linear"}, attention_options={"hybrid_linear": {
         "feature_dim": 4, "window_size": 4, "feature_map_init": "kaiming_uniform", **options}})
 
 
-@pytest.mark.parametrize("options", [{"window": "sw"}, {"window": "tk"}, {"window": "none"},
+@pytest.mark.parametrize("options", [{"window": "sw"}, {"window": "tk", "prefill": "decode_window"},
+                                     {"window": "none"},
                                      {"window": "sw", "path": "quadratic", "affine_attention_factors": True}])
 def test_lolcats_hybrid_state_padded_batch_equals_rows_alone(options):
     """Pads are kept out of the window and of the linear state (S, z), through chunked prefill and decoding."""
     model = model_of(**lolcats(**options))
     check_rows(model, prompts(), steps=6, prefill_chunk=7)
+
+
+@pytest.mark.parametrize("alignment", ["start", "end"])
+def test_lolcats_forward_prefill_of_a_padded_batch_is_each_rows_own(alignment):
+    """prefill=forward (the default): each row's prompt runs the terrace forward over its own tokens (blocks aligned
+    to them), then the sliding decode window; the prompt in one chunk (the default, max_seq_len) equals each row
+    alone. A padded tk prompt split over chunks is refused: the rows' first chunks would not be their own."""
+    model = model_of(**lolcats(window="tk", block_alignment=alignment))
+    alone = check_rows(model, prompts(), steps=6)
+    sliding = model_of(**lolcats(window="tk", block_alignment=alignment, prefill="decode_window"))
+    with torch.no_grad():  # the prompt really is the terrace forward, not the sliding window
+        diff = (session_for(sliding, 1).forward_logits(torch.tensor([prompts()[0]]))[0] - alone[0]).abs().max()
+    assert float(diff) > 1e-3
+    ids, mask = left_pad(prompts(), pad_id=0)
+    with pytest.raises(ValueError, match="one prefill chunk.*prefill=decode_window"):
+        session_for(model, len(LENGTHS), prefill_chunk=7).prefill(ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("window", ["tk", "sw"])
@@ -165,7 +201,7 @@ def test_lolcats_padding_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overrides", [{"attn_backend": "sdpa"}, {"attn_backend": "flash_attn"}, FOT, landmark(),
-                                       lolcats(window="sw")])
+                                       landmark(mem_cache_size=2), lolcats(window="sw"), lolcats(window="tk")])
 def test_padded_batch_on_cuda(overrides):
     """The masked kernels on CUDA (fp32): padded rows equal rows alone; flash_attn falls back to sdpa with pads."""
     model = model_of(**overrides).cuda()

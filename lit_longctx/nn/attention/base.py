@@ -65,17 +65,30 @@ class Attention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(config.dim, config.q_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.dim, config.kv_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=config.attention_bias)
+        if config.fused_qkv:  # GPT-2's c_attn: q, k, v rows stacked in one matrix
+            self.qkv_proj = nn.Linear(config.dim, config.q_dim + 2 * config.kv_dim, bias=config.attention_bias)
+        else:
+            self.q_proj = nn.Linear(config.dim, config.q_dim, bias=config.attention_bias)
+            self.k_proj = nn.Linear(config.dim, config.kv_dim, bias=config.attention_bias)
+            self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=config.attention_bias)
+        self.interleaved_rope = config.rope_pairs == "interleaved"
         self.o_proj = nn.Linear(config.q_dim, config.dim, bias=config.attention_bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, dim) -> q (B, T, H, D), k and v (B, T, Hkv, D), not rotated."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
+        if self.interleaved_rope:
+            # RoPE on pairs (2i, 2i+1) == half-split RoPE on dims reordered [evens | odds] (same angle θ_i for both
+            # halves' i-th entry); q·k is invariant to one permutation of both, so every later rotation (caches,
+            # retrieval) stays exact
+            q, k = (torch.cat([z[..., 0::2], z[..., 1::2]], dim=-1) for z in (q, k))
         return q, k, v
 
     @staticmethod

@@ -37,10 +37,19 @@ Generation state (:class:`HybridLinearCache`, spec "Generation state"): the raw 
 window (≤ w keys for ``sliding``, ≤ 2w for ``terrace``) plus S = Σ φ_k(k)vᵀ and z = Σ φ_k(k) over every key that left
 it — constant memory per layer-head. ``decode_window: sliding`` decodes with an exact w-key sliding window, which is
 what the reference does even for ``tk`` models; ``terrace`` keeps the previous full block plus the current partial one
-and folds a block into S when a new block starts, reproducing the start-aligned ``tk`` forward. A cached forward
-applies the decode window to *every* position it processes (prompt chunks included), so a decoding session equals
-one full-sequence forward of that window kind exactly, whatever the prefill chunking. (The reference computes the
-prompt with the terrace forward and only the decoded tokens with the sliding window.)
+and folds a block into S when a new block starts, reproducing the start-aligned ``tk`` forward. ``prefill`` decides
+the prompt: ``forward`` (default, the reference's semantics) computes the first multi-token chunk fed to an empty
+cache with the layer's own forward (``tk`` with its alignment, over the prompt's length), then keeps the decode window
+of its last position; later tokens use the decode window. ``decode_window`` applies the decode window to *every*
+position (prompt included), so a session equals one full-sequence forward of that window kind exactly, whatever the
+prefill chunking. For ``sw``, pure linear, or ``tk`` with terrace decoding the two agree. A left-padded batch
+(``attention_mask``) gets each row's own forward (its blocks aligned to its own tokens) when its prompt arrives in one
+prefill chunk; a ``tk`` padded prompt split over chunks is refused (its rows' first chunks would differ from alone).
+
+Terrace alignment: ``end`` (o = (−L) mod w, the reference's ``get_masks``; what its checkpoints were trained and
+evaluated with, so the default of the LoLCATs recipes and of imported seed checkpoints) and ``start`` (o = 0, the
+ThunderKittens kernel; prefix-consistent). They agree when L % w = 0 or L ≤ 2w; otherwise the last position's window
+and the linear set differ, and with ``end`` the outputs for a prefix change when a token is appended.
 
 Distillation (LoLCATs §3.1 Eq. 6, App. C Listing 4), switched per batch by ``distill=True`` in
 ``Transformer.forward(**extras)``: the teacher causal softmax attention is computed under no_grad from the same q, k, v
@@ -67,7 +76,29 @@ from torch import nn
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
 from lit_longctx.nn.attention.causal import attend as softmax_attend
 from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
+from lit_longctx.nn.attention.hybrid_linear_paths import (
+    FEATURE_EPS,
+    LINEAR_CHUNK,
+    LINEAR_EPS,
+    LinearState,
+    WindowKind,
+    _window_plus_linear,
+    causal_linear_sums,
+    compute_dtype,
+    hybrid_attention_quadratic,
+    linear_attention,
+    sliding_hybrid_prefix_sum,
+    terrace_hybrid_scan,
+    window_masks,
+)
 from lit_longctx.nn.config import ConfigError, ModelConfig
+
+__all__ = [
+    "DISTILL", "DISTILL_LOSSES", "DISTILL_XENT", "FEATURE_EPS", "FEATURE_MAP_INITS", "LINEAR_CHUNK", "LINEAR_EPS",
+    "FeatureMap", "HeadProjection", "HybridLinearAttention", "HybridLinearCache", "LinearState", "WindowKind",
+    "causal_linear_sums", "compute_dtype", "distill_losses", "hybrid_attention_quadratic", "init_feature_map",
+    "linear_attention", "sliding_hybrid_prefix_sum", "softmax_features", "terrace_hybrid_scan", "window_masks",
+]
 
 #: ``Transformer.forward(..., distill=True)``: stage-1 attention-transfer mode for this batch.
 DISTILL = "distill"
@@ -75,19 +106,6 @@ DISTILL = "distill"
 DISTILL_XENT = "distill_xent"
 #: ``output.extras[DISTILL_LOSSES][layer_idx] -> {"mse": tensor, "xent": tensor}`` after a distill forward.
 DISTILL_LOSSES = "distill_losses"
-
-FEATURE_EPS = 1e-12
-LINEAR_EPS = 1e-12
-LINEAR_CHUNK = 64
-
-WindowKind = Literal["sw", "tk", "none"]
-LinearState = tuple[torch.Tensor, torch.Tensor]  # S (B, H, 2F, D), z (B, H, 2F)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/single precision inputs, float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
-
 
 # ------------------------------------------------------------------------------------------------------ feature map
 def softmax_features(xw: torch.Tensor, eps: float = FEATURE_EPS) -> torch.Tensor:
@@ -147,259 +165,6 @@ def init_feature_map(weight: torch.Tensor, init: str) -> None:
             raise ConfigError(f"feature_map_init={init!r} is unknown; use one of {', '.join(FEATURE_MAP_INITS)}")
 
 
-# ------------------------------------------------------------------------------------------------------------ masks
-def window_masks(
-    q_len: int,
-    k_len: int,
-    window: str,
-    window_size: int,
-    block_offset: int | torch.Tensor = 0,
-    device: torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (q_len, k_len) masks of the window set W(i) and the linear set Λ(i) = causal minus W(i).
-
-    The queries are the last ``q_len`` of the ``k_len`` positions. ``tk`` blocks: block(j) = ⌊(j + block_offset)/w⌋;
-    a (B,) tensor of offsets (left-padded rows, whose blocks start at their first token) gives (B, q_len, k_len).
-    """
-    if isinstance(block_offset, torch.Tensor):
-        block_offset = block_offset.view(-1, 1, 1)
-    i = torch.arange(k_len - q_len, k_len, device=device).unsqueeze(1)
-    j = torch.arange(k_len, device=device).unsqueeze(0)
-    causal = j <= i
-    if window == "none":
-        win = torch.zeros_like(causal)
-    elif window == "sw":
-        win = causal & (j > i - window_size)
-    elif window == "tk":
-        win = causal & ((j + block_offset) // window_size >= (i + block_offset) // window_size - 1)
-    else:
-        raise ValueError(f"window={window!r} is unknown; use sw, tk or none")
-    return win, causal & ~win
-
-
-# ---------------------------------------------------------------------------------------- (a) quadratic reference
-def hybrid_attention_quadratic(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    gamma: torch.Tensor,
-    alpha: torch.Tensor,
-    *,
-    window: str,
-    window_size: int,
-    scale: float,
-    block_offset: int | torch.Tensor = 0,
-    state: LinearState | None = None,
-    return_weights: bool = False,
-    key_mask: torch.Tensor | None = None,
-    query_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hybrid attention with both L×L matrices materialised (spec §2 a). Reference for every other path.
-
-    Args:
-        q: (B, H, T, D) queries, the last T of the S key positions; k, v: (B, H, S, D) (already GQA-expanded).
-        fq: (B, H, T, 2F) φ_q(q); fk: (B, H, S, 2F) φ_k(k).
-        gamma, alpha: window / linear factors broadcastable to (B, H, T, 1), e.g. (1, H, 1, 1); unused for
-            ``window="none"`` (pure linear attention has neither).
-        state: (S0 (B, H, 2F, D), z0 (B, H, 2F)) over keys before the sequence; they belong to every Λ(i).
-        return_weights: also return the normalised weights Â (B, H, T, S) (without the state's mass).
-        key_mask: (B, S) bool, False = a pad key: in neither the window nor the linear set (so never in the state);
-            ``query_mask`` (B, T): pad queries keep their window keys, so that no row is empty.
-
-    Returns:
-        y (B, H, T, D) in the inputs' dtype, and Â or None.
-    """
-    t, s = q.shape[2], k.shape[2]
-    win, lin = window_masks(t, s, window, window_size, block_offset, q.device)
-    if win.dim() == 3:  # per-row blocks: (B, T, S) -> broadcast over heads
-        win, lin = win.unsqueeze(1), lin.unsqueeze(1)
-    if key_mask is not None:
-        keys = key_mask[:, None, None, :]
-        lin = lin & keys
-        win = win & (keys | ~query_mask[:, None, :, None]) if query_mask is not None else win & keys
-    if window == "none":  # pure linear attention: no factors, ε in the denominator
-        gamma, alpha = None, 1.0
-    a = alpha * (fq @ fk.transpose(-1, -2)).masked_fill(~lin, 0.0)  # (B, H, T, S)
-    if gamma is not None:
-        scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~win, float("-inf"))
-        c = scores.amax(dim=-1, keepdim=True)  # max over the window scores only
-        a = a + gamma * torch.exp(scores - c)
-    num = a @ v  # (B, H, T, D)
-    den = a.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
-    if state is not None:
-        kv_state, k_state = state
-        num = num + alpha * (fq @ kv_state)
-        den = den + alpha * (fq @ k_state.unsqueeze(-1))
-    if gamma is None:
-        den = den + LINEAR_EPS
-    return num / den, (a / den if return_weights else None)
-
-
-# ------------------------------------------------------------------------------------- chunked causal prefix sum
-def _state_or_zeros(state: LinearState | None, fq: torch.Tensor, v: torch.Tensor) -> LinearState:
-    """``state``, or the empty (S, z) (zeros (B, H, 2F, D), (B, H, 2F)) for features fq (B, H, ·, 2F), values v."""
-    if state is not None:
-        return state
-    b, h, _, f2 = fq.shape
-    return fq.new_zeros(b, h, f2, v.shape[-1]), fq.new_zeros(b, h, f2)
-
-
-def _window_plus_linear(
-    scores: torch.Tensor,
-    v: torch.Tensor,
-    gamma: torch.Tensor,
-    alpha: torch.Tensor,
-    num_lin: torch.Tensor,
-    den_lin: torch.Tensor,
-) -> torch.Tensor:
-    """Eq. 7 for one tile: [γ Σ_W e^{s−c} v + α·num_lin] / [γ Σ_W e^{s−c} + α·den_lin], c = max of the window scores.
-
-    scores (…, n) over the window keys (masked ones −inf), v (…, n, D); num_lin (…, D), den_lin (…, 1) the linear part.
-    """
-    p = gamma * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    num = p @ v + alpha * num_lin
-    den = p.sum(dim=-1, keepdim=True) + alpha * den_lin
-    return num / den
-
-
-def causal_linear_sums(
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    state: LinearState | None = None,
-    chunk_size: int = LINEAR_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, LinearState]:
-    """Un-normalised causal linear attention, chunk by chunk (intra-chunk ψ tile + inter-chunk state).
-
-    num_i = Σ_{j≤i} ψ_ij v_j + φ_q(q_i)ᵀS0,  den_i = Σ_{j≤i} ψ_ij + φ_q(q_i)ᵀz0.
-
-    Args:
-        fq, fk: (B, H, T, 2F); v: (B, H, T, D); state: (S0 (B, H, 2F, D), z0 (B, H, 2F)) or None (zeros).
-
-    Returns:
-        num (B, H, T, D), den (B, H, T), and the final state (S, z) including every key.
-    """
-    b, h, t, _ = fq.shape
-    kv_state, k_state = _state_or_zeros(state, fq, v)
-    tri = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=fq.device).tril()
-    num = fq.new_empty(b, h, t, v.shape[-1])
-    den = fq.new_empty(b, h, t)
-    for a in range(0, t, chunk_size):
-        qc, kc, vc = fq[:, :, a : a + chunk_size], fk[:, :, a : a + chunk_size], v[:, :, a : a + chunk_size]
-        n = qc.shape[2]
-        psi = (qc @ kc.transpose(-1, -2)).masked_fill_(~tri[:n, :n], 0.0)  # (B, H, n, n)
-        num[:, :, a : a + n] = psi @ vc + qc @ kv_state
-        den[:, :, a : a + n] = psi.sum(dim=-1) + (qc @ k_state.unsqueeze(-1)).squeeze(-1)
-        kv_state = kv_state + kc.transpose(-1, -2) @ vc
-        k_state = k_state + kc.sum(dim=2)
-    return num, den, (kv_state, k_state)
-
-
-def linear_attention(
-    fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, state: LinearState | None = None
-) -> tuple[torch.Tensor, LinearState]:
-    """Pure causal linear attention φ_qᵀS_i / (φ_qᵀz_i + 1e-12) -> (y (B, H, T, D), final state)."""
-    num, den, state = causal_linear_sums(fq, fk, v, state=state)
-    return num / (den.unsqueeze(-1) + LINEAR_EPS), state
-
-
-# ------------------------------------------------------------------------------ (b) sliding window, prefix sum
-def sliding_hybrid_prefix_sum(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    gamma: torch.Tensor,
-    alpha: torch.Tensor,
-    *,
-    window_size: int,
-    scale: float,
-    state: LinearState | None = None,
-) -> torch.Tensor:
-    """Linear-time ``sw`` hybrid (spec §2 b): (B, H, T, ·) inputs of equal length T -> y (B, H, T, D).
-
-    The linear part is a causal prefix sum over φ_k(k), v shifted right by w, so query i collects Σ_{j≤i−w}: the
-    shift is taken by pairing queries w.. with keys ..T−w (queries < w see only the initial state). The window
-    part runs over banded tiles: C queries against the C+w−1 keys ending at the tile's last query, j ∈ (i−w, i].
-    """
-    t, w = fq.shape[2], window_size
-    kv_state, k_state = _state_or_zeros(state, fq, v)
-    head = fq[:, :, : min(w, t)]  # queries with an empty shifted prefix
-    num_lin, den_lin = head @ kv_state, (head @ k_state.unsqueeze(-1)).squeeze(-1)  # (B, H, ≤w, D), (B, H, ≤w)
-    if t > w:
-        num_rest, den_rest, _ = causal_linear_sums(
-            fq[:, :, w:], fk[:, :, : t - w], v[:, :, : t - w], state=(kv_state, k_state)
-        )
-        num_lin, den_lin = torch.cat([num_lin, num_rest], dim=2), torch.cat([den_lin, den_rest], dim=2)
-    chunk = max(w, LINEAR_CHUNK)
-    y = torch.empty_like(num_lin)
-    for a in range(0, t, chunk):
-        n, lo = min(chunk, t - a), max(0, a - w + 1)
-        qpos = torch.arange(a, a + n, device=q.device).unsqueeze(1)
-        kpos = torch.arange(lo, a + n, device=q.device).unsqueeze(0)
-        band = (kpos <= qpos) & (kpos > qpos - w)  # (n, ≤ n+w−1)
-        scores = ((q[:, :, a : a + n] @ k[:, :, lo : a + n].transpose(-1, -2)) * scale).masked_fill_(
-            ~band, float("-inf")
-        )
-        y[:, :, a : a + n] = _window_plus_linear(
-            scores, v[:, :, lo : a + n], gamma, alpha, num_lin[:, :, a : a + n], den_lin[:, :, a : a + n].unsqueeze(-1)
-        )
-    return y
-
-
-# ------------------------------------------------------------------------------------- (c) terrace block scan
-def terrace_hybrid_scan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    gamma: torch.Tensor,
-    alpha: torch.Tensor,
-    *,
-    window_size: int,
-    scale: float,
-    block_offset: int = 0,
-    state: LinearState | None = None,
-) -> torch.Tensor:
-    """Blockwise ``tk`` hybrid (spec §2 c, LoLCATs App. C.2 Alg. 1): (B, H, T, ·) inputs -> y (B, H, T, D).
-
-    Positions are padded in front by ``block_offset`` (so block(j) = ⌊(j + o)/w⌋ becomes start-aligned) and at the
-    end to whole blocks. Block t: tile of its w queries × the 2w keys of blocks t−1, t (causal on the diagonal
-    sub-tile) plus α·φ_q(q)ᵀS_{≤t−2}; block t−1 is added to (S, z) after block t. Cost O(L·(2w·D + 2F·D)).
-    """
-    w, o, t = window_size, block_offset, q.shape[2]
-    n_blocks = math.ceil((t + o) / w)
-    pad_end = n_blocks * w - t - o
-    if o or pad_end:  # padded φ rows are 0: they add nothing to the state
-        q, k, v, fq, fk = (F.pad(x, (0, 0, o, pad_end)) for x in (q, k, v, fq, fk))
-    is_pad = torch.ones(n_blocks * w, dtype=torch.bool, device=q.device)
-    is_pad[o : o + t] = False
-    ones = torch.ones(w, w, dtype=torch.bool, device=q.device)
-    tile = torch.cat([ones, ones.tril()], dim=1)  # (w, 2w): previous block fully, own block causally
-    kv_state, k_state = _state_or_zeros(state, fq, v)
-    outs = []
-    for blk in range(n_blocks):
-        a, lo = blk * w, max(0, (blk - 1) * w)
-        # padded keys are invisible to real queries; padded query rows (cropped below) keep themselves visible
-        mask = tile[:, w if blk == 0 else 0 :] & (~is_pad[lo : a + w].unsqueeze(0) | is_pad[a : a + w].unsqueeze(1))
-        scores = ((q[:, :, a : a + w] @ k[:, :, lo : a + w].transpose(-1, -2)) * scale).masked_fill(
-            ~mask, float("-inf")
-        )  # (B, H, w, ≤2w)
-        fqb = fq[:, :, a : a + w]
-        outs.append(
-            _window_plus_linear(scores, v[:, :, lo : a + w], gamma, alpha, fqb @ kv_state, fqb @ k_state.unsqueeze(-1))
-        )
-        if blk >= 1:  # block t−1 joins the linear set of block t+1
-            kv_state = kv_state + fk[:, :, lo:a].transpose(-1, -2) @ v[:, :, lo:a]
-            k_state = k_state + fk[:, :, lo:a].sum(dim=2)
-    return torch.cat(outs, dim=2)[:, :, o : o + t]
-
-
 # ---------------------------------------------------------------------------------------------- generation state
 class HybridLinearCache:
     """Recurrent generation state of one ``hybrid_linear`` layer.
@@ -411,6 +176,7 @@ class HybridLinearCache:
         k_state: (B, H, 2F) z = Σ φ_k(k) over the same keys.
         length: tokens seen so far (the absolute position of the next token).
         mask: (B, n) bool token mask of ``k, v`` (False = pad), or None while no pad was fed.
+        padded: whether a pad was ever fed (a padded batch).
     """
 
     def __init__(
@@ -431,6 +197,7 @@ class HybridLinearCache:
         self.length = 0
         self.mask: torch.Tensor | None = None
         self.started: torch.Tensor | None = None  # (B,) rows that have had a token (padded batches)
+        self.padded = False
 
     def num_bytes(self) -> int:
         """Bytes held by the state tensors."""
@@ -450,6 +217,7 @@ WINDOWS = ("tk", "sw", "none")
 ALIGNMENTS = ("start", "end")
 PATHS = ("scan", "quadratic")
 DECODE_WINDOWS = ("sliding", "terrace")
+PREFILLS = ("forward", "decode_window")
 
 
 @register_attention("hybrid_linear")
@@ -468,6 +236,8 @@ class HybridLinearAttention(Attention):
             mode with ``distill_xent`` always uses the quadratic form, which yields the attention weights.
         decode_window: ``sliding`` (exact w-key window, the reference's decode) or ``terrace`` (tk with start
             alignment only; reproduces the tk forward).
+        prefill: ``forward`` (the first chunk fed to an empty cache runs the layer's forward, the reference's
+            prompt; later tokens use the decode window) or ``decode_window`` (every cached position uses it).
     """
 
     forward_extras: ClassVar[tuple[str, ...]] = (DISTILL, DISTILL_XENT)
@@ -486,6 +256,7 @@ class HybridLinearAttention(Attention):
         feature_map_init: Literal["identity", "kaiming_uniform", "normal"] = "identity",
         path: Literal["scan", "quadratic"] = "scan",
         decode_window: Literal["sliding", "terrace"] = "sliding",
+        prefill: Literal["forward", "decode_window"] = "forward",
     ) -> None:
         super().__init__(config, layer_idx)
         prefix = f"attention_options['hybrid_linear'] (layer {layer_idx}):"
@@ -497,6 +268,9 @@ class HybridLinearAttention(Attention):
             raise ConfigError(f"{prefix} path={path!r} is unknown; use scan (linear time) or quadratic (reference)")
         if decode_window not in DECODE_WINDOWS:
             raise ConfigError(f"{prefix} decode_window={decode_window!r} is unknown; use sliding or terrace")
+        if prefill not in PREFILLS:
+            raise ConfigError(f"{prefix} prefill={prefill!r} is unknown; use forward (the reference's prompt) or "
+                              "decode_window")
         if feature_map_init not in FEATURE_MAP_INITS:
             raise ConfigError(
                 f"{prefix} feature_map_init={feature_map_init!r} is unknown; use one of {', '.join(FEATURE_MAP_INITS)}"
@@ -526,6 +300,7 @@ class HybridLinearAttention(Attention):
         self.feature_map_init = feature_map_init
         self.path = path
         self.decode_window = decode_window
+        self.prefill = prefill
         self.feature_map_q = FeatureMap(self.n_heads, self.head_dim, feature_dim)
         self.feature_map_k = FeatureMap(self.n_heads, self.head_dim, feature_dim)
         # reference name and shape; pure linear attention has no window, hence no factor
@@ -572,16 +347,18 @@ class HybridLinearAttention(Attention):
             if mask is not None:
                 raise ValueError("distill mode (attention transfer) trains on full windows; pass no attention_mask")
             return self._distill(q, k, v, ctx)
-        if cache is not None:
-            y = self._cached(q, k, v, cache, mask)
-        elif mask is not None:  # each row's terrace blocks start at its first token (start) / end at its last (end)
-            counts = mask.sum(1).tolist()
-            offset = torch.tensor([(self._block_offset(n) - (q.shape[2] - n)) % self.window_size for n in counts],
-                                  device=q.device)
-            y, _ = self.attend(q, k, v, window=self.window, block_offset=offset, key_mask=mask, query_mask=mask)
-        else:
-            y, _ = self.attend(q, k, v, window=self.window, block_offset=self._block_offset(q.shape[2]))
+        y = self._cached(q, k, v, cache, mask) if cache is not None else self._full(q, k, v, mask)
         return self.output(y.to(x.dtype))
+
+    def _full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The layer's forward over whole (left-padded when ``mask`` is given) rows; (B, H, T, D) compute dtype."""
+        if mask is None:
+            return self.attend(q, k, v, window=self.window, block_offset=self._block_offset(q.shape[2]))[0]
+        # each row's terrace blocks start at its first token (start) / end at its last (end)
+        counts = mask.sum(1).tolist()
+        offset = torch.tensor([(self._block_offset(n) - (q.shape[2] - n)) % self.window_size for n in counts],
+                              device=q.device)
+        return self.attend(q, k, v, window=self.window, block_offset=offset, key_mask=mask, query_mask=mask)[0]
 
     def _expand_kv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, Hkv, S, D) keys or values -> (B, H, S, D) in ``dtype`` (each KV head repeated for its query group)."""
@@ -594,7 +371,7 @@ class HybridLinearAttention(Attention):
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ, α), each (1, H, 1, 1) in ``dtype``."""
         if self.window_factors is None:
-            one = torch.ones(1, self.n_heads, 1, 1, dtype=dtype, device=self.q_proj.weight.device)
+            one = torch.ones(1, self.n_heads, 1, 1, dtype=dtype, device=self.o_proj.weight.device)
             return one, one
         gamma = torch.sigmoid(self.window_factors.to(dtype))
         return gamma, (1 - gamma if self.affine_attention_factors else torch.ones_like(gamma))
@@ -682,6 +459,7 @@ class HybridLinearAttention(Attention):
                 raise ValueError("a pad after a row's first token: hybrid_linear caches take left-padded prompts only")
             started = mask.any(1) if mask is not None else torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
             cache.started = started if cache.started is None else cache.started | started
+            cache.padded = cache.padded or (mask is not None and not bool(mask.all()))
             if self.decode_window == "terrace":
                 raise ValueError(
                     "decode_window=terrace aligns blocks to absolute positions, which differ per row in a padded "
@@ -701,6 +479,21 @@ class HybridLinearAttention(Attention):
                 self.feature_map_q(q), fk, v, state=(cache.kv_state, cache.k_state)
             )
             cache.length += t
+            return y
+        if (self.prefill == "forward" and self.window == "tk" and cache.padded and cache.length and t > 1
+                and mask is not None):  # for sw the forward is the decode window, so chunks cannot differ
+            raise ValueError(
+                "prefill=forward runs each row's prompt through the layer's forward in its first chunk, and the rows "
+                "of a padded batch start in different places: a padded prompt must arrive in one prefill chunk. Raise "
+                "prefill_chunk to the padded prompt length, run the prompts one by one, or set the hybrid_linear "
+                "option prefill=decode_window"
+            )
+        if self.prefill == "forward" and cache.length == 0 and t > 1:  # the prompt: the layer's own forward
+            # a padded prompt: every row's own forward (its blocks aligned to its own tokens), pads in no set; the
+            # fold below keeps pads out of (S, z) through cache.mask
+            y = self._full(q, k, v, mask)
+            cache.k, cache.v, cache.length = k.to(cache.k.dtype), v.to(cache.v.dtype), t
+            self._fold(cache, self._window_start(t - 1))  # S, z over the keys left of the last decode window
             return y
         first, last = cache.length, cache.length + t - 1
         self._fold(cache, self._window_start(first))  # the buffer now starts at the window of the first query

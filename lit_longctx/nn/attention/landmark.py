@@ -41,23 +41,41 @@ n cached blocks, k' = min(top_k, n).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
-from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
+from lit_longctx.nn.attention.landmark_cache import (
+    SELECTIONS,
+    LandmarkCache,
+    Selection,
+    attend_with_cache,
+    check_mem_cache_size,
+    check_selection,
+    check_top_k,
+    scoring_slots,
+    select_blocks,
+    selection_slots,
+    slot_start,
+)
+from lit_longctx.nn.attention.landmark_softmax import (
+    blockwise_landmark_attention,
+    grouped_softmax_weights,
+    reference_landmark_attention,
+)
 from lit_longctx.nn.config import ConfigError, ModelConfig
-from lit_longctx.nn.rope import apply_rotary
 from lit_longctx.nn.session import DecodingSession, check_attention_mask
 
 KIND = "landmark"
 LAYOUT_KEY = "landmark"
-Selection = Literal["per_token_and_head", "max_over_heads", "max_over_tokens"]
-SELECTIONS = ("per_token_and_head", "max_over_heads", "max_over_tokens")
+__all__ = [
+    "KIND", "LAYOUT_KEY", "SELECTIONS", "LandmarkAttention", "LandmarkCache", "LandmarkLayout", "LandmarkOptions",
+    "LandmarkSession", "Selection", "attend_with_cache", "blockwise_landmark_attention", "check_mem_cache_size",
+    "check_selection", "check_top_k", "default_chunk_length", "grid_offsets", "grouped_softmax_weights",
+    "insert_on_grid", "reference_landmark_attention", "scoring_slots", "select_blocks", "selection_slots", "slot_start",
+]
 
 
 # --------------------------------------------------------------------------------------------------------- options
@@ -77,6 +95,8 @@ class LandmarkOptions:
         chunk_length: regular tokens per prefill chunk (ℓ_local); default derived from train_context_length (else
             max_seq_len) and top_k as in the maintained LLaMA code (:func:`default_chunk_length`).
         offload_to_cpu: keep complete cached blocks in CPU memory; only landmark keys stay on the compute device.
+        mem_cache_size: most blocks kept per layer at inference (a FIFO ring, oldest evicted first, as
+            ``lm_benchmark``'s ``--mem_cache_size``; paper Table 1's "blocks in memory"); None keeps every block.
         train_context_length: regular tokens per training row (the seed's ``train_context_length``, 512); the
             default chunk length is derived from it (else from max_seq_len), so retrieved blocks and the chunk stay
             within the distances seen in training.
@@ -92,6 +112,7 @@ class LandmarkOptions:
     selection: Selection = "per_token_and_head"
     chunk_length: int | None = None
     offload_to_cpu: bool = False
+    mem_cache_size: int | None = None
     train_context_length: int | None = None
     include_landmark_in_loss: bool = False
 
@@ -108,6 +129,7 @@ class LandmarkOptions:
             raise ConfigError(f"{where}['path']={self.path!r} is unknown; use 'blockwise' or 'reference'")
         check_top_k(self.top_k)
         check_selection(self.selection)
+        check_mem_cache_size(self.mem_cache_size)
         for name in ("chunk_length", "train_context_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -138,19 +160,6 @@ class LandmarkOptions:
         if unknown:
             raise ConfigError(f"unknown attention_options['landmark'] keys {unknown}; valid keys: {sorted(known)}")
         return cls(**raw).validate(config.vocab_size)
-
-
-def check_top_k(top_k: Any) -> int:
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ConfigError(f"landmark top_k must be an integer >= 1 (blocks retrieved per token and head), got "
-                          f"{top_k!r}")
-    return top_k
-
-
-def check_selection(selection: str) -> str:
-    if selection not in SELECTIONS:
-        raise ConfigError(f"landmark selection={selection!r} is unknown; use one of {', '.join(SELECTIONS)}")
-    return selection
 
 
 def default_chunk_length(context: int, mem_freq: int, top_k: int) -> int:
@@ -187,522 +196,6 @@ def grid_offsets(is_mem: torch.Tensor, block: int) -> torch.Tensor | None:
     return first if bool(regular.all()) else None
 
 
-# ------------------------------------------------------------------------------------------------ reference path
-def _safe_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim where fully masked rows (all −inf) give zeros instead of NaN."""
-    peak = scores.amax(-1, keepdim=True).detach()  # softmax is shift invariant: the max needs no gradient
-    peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
-    e = torch.exp(scores - peak)
-    denom = e.sum(-1, keepdim=True)
-    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
-
-
-def grouped_softmax_weights(
-    scores: torch.Tensor, is_mem: torch.Tensor, key_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Attention weights of the grouped softmax (paper §3.1, spec §2.1), straight from the formula.
-
-    Args:
-        scores: (B, H, Tq, S) scores s_ij (any float dtype; computed in it). The queries are the last Tq of the S
-            key positions (causal mask aligned to the end, as after a cache).
-        is_mem: (B, S) landmark flags of the key positions.
-        key_mask: optional boolean visibility (broadcastable to (B, H, Tq, S)) applied on top of causality.
-
-    Returns:
-        (B, H, Tq, S) weights w_ij: landmark columns exactly 0; rows sum to 1 except the degenerate cases of §2.3.
-    """
-    b, h, tq, s = scores.shape
-    off = s - tq
-    dev = scores.device
-    blk = torch.cumsum(is_mem.long(), dim=1) - is_mem.long()  # (B, S) landmarks strictly before j
-    own = blk[:, off:]  # (B, Tq) block of each query
-    visible = causal_doc_mask(tq, s, dev).view(1, 1, tq, s)
-    if key_mask is not None:
-        visible = visible & key_mask
-    mem = is_mem.view(b, 1, 1, s)
-    earlier = (blk.unsqueeze(1) < own.unsqueeze(2)).unsqueeze(1)  # (B, 1, Tq, S)
-    same = (blk.unsqueeze(1) == own.unsqueeze(2)).unsqueeze(1)
-    main = visible & ((mem & earlier) | (~mem & same))  # older landmarks + own block's regular tokens
-    grouped = visible & ~mem & earlier  # regular tokens of earlier blocks, grouped by block
-
-    p = _safe_softmax(scores.masked_fill(~main, float("-inf")))  # (B, H, Tq, S) main-group softmax
-
-    n_groups = int(blk.max()) + 1 if s else 1  # one group per block present in the input
-    index = blk.view(b, 1, 1, s).expand(b, h, tq, s)
-    s_grp = scores.masked_fill(~grouped, float("-inf"))
-    with torch.no_grad():
-        peak = scores.new_full((b, h, tq, n_groups), float("-inf"))
-        peak = peak.scatter_reduce(-1, index, s_grp, reduce="amax", include_self=True)
-        peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
-    e = torch.exp(s_grp - peak.gather(-1, index))
-    denom = scores.new_zeros(b, h, tq, n_groups).scatter_add(-1, index, e).gather(-1, index)
-    within = e / torch.where(denom > 0, denom, torch.ones_like(denom))  # softmax inside each earlier block
-    gate = scores.new_zeros(b, h, tq, n_groups).scatter_add(-1, index, p * mem)  # gate[b] = p_i(l_b)
-    return p * (main & ~mem) + within * gate.gather(-1, index)
-
-
-def reference_landmark_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    is_mem: torch.Tensor,
-    scale: float | None = None,
-    key_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Grouped-softmax attention of q (B, H, T, D) over k, v (B, Hkv, T, D), already rotated; holds (B, H, T, T).
-
-    ``key_mask`` (B, T) bool hides pad keys (False) from every query."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep).to(cdt), repeat_kv(v, n_rep).to(cdt)
-    scores = torch.matmul(q.to(cdt), k.transpose(-1, -2)) * scale  # (B, H, T, T)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return torch.matmul(grouped_softmax_weights(scores, is_mem, mask), v).to(q.dtype)
-
-
-# ------------------------------------------------------------------------------------------------ blockwise path
-class _Online:
-    """Running max / sum / weighted values of an online softmax over key tiles (Milakov & Gimelshein 2018)."""
-
-    def __init__(self, ref: torch.Tensor, d: int) -> None:
-        self.peak = ref.new_full(ref.shape, float("-inf"))
-        self.total = ref.new_zeros(ref.shape)
-        self.acc = ref.new_zeros(*ref.shape, d)
-
-    def rescale(self, scores_peak: torch.Tensor) -> torch.Tensor:
-        """Move to the new running max; returns it with −inf replaced by 0 (for safe exponentials)."""
-        new = torch.maximum(self.peak, scores_peak.detach())
-        safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
-        alpha = torch.exp(self.peak - safe)
-        self.total = self.total * alpha
-        self.acc = self.acc * alpha.unsqueeze(-1)
-        self.peak = new
-        return safe
-
-    def result(self) -> torch.Tensor:
-        total = torch.where(self.total > 0, self.total, torch.ones_like(self.total))
-        return self.acc / total.unsqueeze(-1)
-
-
-def _query_tiles(
-    q: torch.Tensor,
-    k_diag: torch.Tensor,
-    v_diag: torch.Tensor,
-    *steps: torch.Tensor,
-    tiles_valid: torch.Tensor,
-    m0: int,
-    k_tile_blocks: int,
-) -> torch.Tensor:
-    """Output of the query tiles m0 .. m0+Qn−1.
-
-    q: (B, H, Qn·Bk, D) pre-scaled by 1/√D; k_diag, v_diag: (B, H, Qn, Bk, D) the same tiles' keys and values;
-    ``steps``: for each key step j (tiles j·Nk …): regular keys, then regular values (B, H, Nk·(Bk−1), D), then
-    landmark keys (B, H, Nk, D); tiles_valid: (B, N, Bk) real (non-padding) positions.
-    """
-    b, h, nq, d = q.shape
-    qn, block = k_diag.shape[2], k_diag.shape[3]
-    reg = block - 1
-    n_steps = len(steps) // 3
-    k_regs, v_regs, k_lands = steps[:n_steps], steps[n_steps : 2 * n_steps], steps[2 * n_steps :]
-    state = _Online(q.new_empty(b, h, nq), d)
-
-    # diagonal tiles: causal softmax over the tile's regular keys (the tile's landmark key is never seen)
-    s = torch.matmul(q.view(b, h, qn, block, d), k_diag.transpose(-1, -2))  # (B, H, Qn, Bk, Bk)
-    a = torch.arange(block, device=q.device)
-    inside = (a.view(1, block) <= a.view(block, 1)) & (a < reg).view(1, block)  # (Bk query, Bk key)
-    mask = inside.view(1, 1, block, block) & tiles_valid[:, m0 : m0 + qn].unsqueeze(2)  # (B, Qn, Bk, Bk)
-    s = s.masked_fill(~mask.unsqueeze(1), float("-inf")).view(b, h, nq, block)
-    safe = state.rescale(s.amax(-1))
-    p = torch.exp(s - safe.unsqueeze(-1))
-    state.total = state.total + p.sum(-1)
-    state.acc = state.acc + torch.matmul(p.view(b, h, qn, block, block), v_diag).view(b, h, nq, d)
-
-    # earlier tiles: one virtual key each (landmark score, within-tile softmax average of the regular values)
-    row_tile = m0 + torch.arange(nq, device=q.device) // block  # (Q,) tile index of each query row
-    for j in range(n_steps):
-        n0 = j * k_tile_blocks
-        nk = k_lands[j].shape[2]
-        s_reg = torch.matmul(q, k_regs[j].transpose(-1, -2)).view(b, h, nq, nk, reg)  # (B, H, Q, Nk, Bk-1)
-        reg_valid = tiles_valid[:, n0 : n0 + nk, :reg]
-        if not bool(reg_valid.all()):  # only tiles holding padding need the mask
-            s_reg = s_reg.masked_fill(~reg_valid.view(b, 1, 1, nk, reg), float("-inf"))
-        peak = s_reg.amax(-1, keepdim=True).detach()
-        peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
-        e = torch.exp(s_reg - peak)
-        denom = e.sum(-1)  # (B, H, Q, Nk) within-tile normaliser
-        s_land = torch.matmul(q, k_lands[j].transpose(-1, -2))  # (B, H, Q, Nk) landmark scores
-        earlier = row_tile.view(nq, 1) > torch.arange(n0, n0 + nk, device=q.device).view(1, nk)  # (Q, Nk)
-        land_ok = earlier.view(1, 1, nq, nk) & tiles_valid[:, n0 : n0 + nk, reg].view(b, 1, 1, nk)
-        s_land = s_land.masked_fill(~land_ok, float("-inf"))
-        safe = state.rescale(s_land.amax(-1))
-        gate = torch.exp(s_land - safe.unsqueeze(-1))  # virtual-key weights
-        state.total = state.total + gate.sum(-1)
-        coef = gate / torch.where(denom > 0, denom, torch.ones_like(denom))
-        weights = (e * coef.unsqueeze(-1)).view(b, h, nq, nk * reg)
-        state.acc = state.acc + torch.matmul(weights, v_regs[j])
-    return state.result()
-
-
-def blockwise_landmark_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    offsets: torch.Tensor,
-    block: int,
-    scale: float | None = None,
-    q_tile_blocks: int | None = None,
-    k_tile_blocks: int | None = None,
-) -> torch.Tensor:
-    """Grouped-softmax attention in block tiles (spec §2.4), equal to :func:`reference_landmark_attention`.
-
-    Args:
-        q: (B, H, T, D) rotated queries; k, v: (B, Hkv, T, D) rotated keys and values.
-        offsets: (B,) index of the first landmark slot per row (:func:`grid_offsets`): row r has its landmarks at
-            exactly o_r, o_r + Bk, o_r + 2·Bk, … (< T), o_r < Bk.
-        block: Bk = mem_freq + 1.
-        q_tile_blocks, k_tile_blocks: blocks per query step / per key step (memory per step ∝ their product);
-            defaults aim at ~512 queries × ~1024 keys.
-
-    Each row is left-padded by Bk − 1 − o_r and right-padded to whole tiles (padding keys are masked), so windows
-    that start or end mid-block are exact. With gradients enabled each query step runs under activation
-    checkpointing: the backward recomputes one step at a time. Keys and values are split into steps once, outside
-    the loop, so no step slices a tensor that needs a gradient (whose backward would allocate a full-size zero
-    gradient per step).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    b, h, t, d = q.shape
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    n_rep = h // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    qn = q_tile_blocks or max(1, 512 // block)
-    kn = k_tile_blocks or max(1, 1024 // block)
-    reg = block - 1
-
-    lpad = (block - 1 - offsets).to(q.device)  # (B,)
-    n_tiles = math.ceil((int(lpad.max()) + t) / block)
-    tp = n_tiles * block
-    src = torch.arange(tp, device=q.device).unsqueeze(0) - lpad.unsqueeze(1)  # (B, Tp) source index per slot
-    valid = (src >= 0) & (src < t)
-    gather_idx = src.clamp(0, t - 1).view(b, 1, tp, 1).expand(b, h, tp, d)
-
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        return x.to(cdt).gather(2, gather_idx) * valid.view(b, 1, tp, 1)
-
-    qp = pad(q) * scale
-    k4, v4 = pad(k).view(b, h, n_tiles, block, d), pad(v).view(b, h, n_tiles, block, d)
-    k_regs = k4[:, :, :, :reg].reshape(b, h, n_tiles * reg, d).split(kn * reg, dim=2)
-    v_regs = v4[:, :, :, :reg].reshape(b, h, n_tiles * reg, d).split(kn * reg, dim=2)
-    k_lands = k4[:, :, :, reg].split(kn, dim=2)
-    tiles_valid = valid.view(b, n_tiles, block)
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    outs = []
-    for qc, kd, vd, m0 in zip(qp.split(qn * block, dim=2), k4.split(qn, dim=2), v4.split(qn, dim=2),
-                              range(0, n_tiles, qn)):
-        used = -(-(m0 + kd.shape[2] - 1) // kn)  # key steps holding a tile earlier than the chunk's last tile
-        steps = (*k_regs[:used], *v_regs[:used], *k_lands[:used])
-        fn = functools.partial(_query_tiles, tiles_valid=tiles_valid, m0=m0, k_tile_blocks=kn)
-        outs.append(checkpoint(fn, qc, kd, vd, *steps, use_reentrant=False) if grad else fn(qc, kd, vd, *steps))
-    y = torch.cat(outs, dim=2)  # (B, H, Tp, D)
-    back = (torch.arange(t, device=q.device).unsqueeze(0) + lpad.unsqueeze(1)).view(b, 1, t, 1).expand(b, h, t, d)
-    return y.gather(2, back).to(q.dtype)
-
-
-# -------------------------------------------------------------------------------------- stingy positions (§3.2.1)
-def scoring_slots(n_blocks: int, top_k: int, device: torch.device | None = None) -> torch.Tensor:
-    """(n,) slot of each cached block's landmark while scoring: the k' newest blocks take slots 1..k' in order, all
-    older blocks share slot 0 (k' = min(top_k, n))."""
-    kk = min(top_k, n_blocks)
-    r = torch.arange(n_blocks, device=device)
-    return torch.where(r >= n_blocks - kk, r - (n_blocks - kk) + 1, torch.zeros_like(r))
-
-
-def selection_slots(selected: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """Slot of each selected block (``selected`` (..., k') sorted chronologically): the j-th goes to slot j if it is
-    not among the k' newest blocks, to slot j + 1 if it is (old picks fill from the left, recent picks are
-    right-aligned, one slot stays free between them)."""
-    kk = selected.shape[-1]
-    j = torch.arange(kk, device=selected.device)
-    return j + (selected >= n_blocks - kk).long()
-
-
-def slot_start(slot: torch.Tensor, top_k_eff: int, block: int) -> torch.Tensor:
-    """First position of a slot relative to P (the first position of the incomplete block): −(k'+1−s)·Bk."""
-    return -(top_k_eff + 1 - slot) * block
-
-
-# -------------------------------------------------------------------------------------------------------- the cache
-class LandmarkCache:
-    """Per-layer landmark memory (spec §3.1): complete blocks (B, Hkv, n, Bk, D) of keys before RoPE and values,
-    landmark last, on ``storage_device`` (CPU when offloading); landmark keys (B, Hkv, n, D) on the compute device;
-    the trailing incomplete block (B, Hkv, m < Bk, D) held apart. Retrieval settings live here so a session can
-    change them per run."""
-
-    def __init__(
-        self,
-        batch_size: int,
-        n_kv_heads: int,
-        head_dim: int,
-        block: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        top_k: int = 5,
-        selection: Selection = "per_token_and_head",
-        offload_to_cpu: bool = False,
-    ) -> None:
-        self.batch_size, self.n_kv_heads, self.head_dim, self.block = batch_size, n_kv_heads, head_dim, block
-        self.device, self.dtype = torch.device(device), dtype
-        self.top_k = check_top_k(top_k)
-        self.selection = check_selection(selection)
-        self._offload = bool(offload_to_cpu)
-        self.n_blocks = 0
-        self.k_blocks: torch.Tensor | None = None
-        self.v_blocks: torch.Tensor | None = None
-        self.mem_keys: torch.Tensor | None = None
-        self.tail_k = torch.empty(batch_size, n_kv_heads, 0, head_dim, device=self.device, dtype=dtype)
-        self.tail_v = torch.empty_like(self.tail_k)
-        self.tail_mask = torch.ones(batch_size, 0, dtype=torch.bool, device=self.device)  # token (True) or pad
-        self.tail_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # the positions fed at
-        self.block_mask: torch.Tensor | None = None  # (B, capacity) bool: False = a block of pads (never retrieved)
-
-    @property
-    def offload_to_cpu(self) -> bool:
-        return self._offload
-
-    @offload_to_cpu.setter
-    def offload_to_cpu(self, value: bool) -> None:
-        if self.n_blocks and bool(value) != self._offload:
-            raise ValueError("offload_to_cpu can only be changed while the landmark cache is empty")
-        self._offload = bool(value)
-
-    @property
-    def storage_device(self) -> torch.device:
-        """Where complete blocks live: the CPU when offloading, else the compute device."""
-        return torch.device("cpu") if self._offload else self.device
-
-    @property
-    def tail_len(self) -> int:
-        return self.tail_k.shape[2]
-
-    def _grow(self, needed: int) -> None:
-        cap = 0 if self.k_blocks is None else self.k_blocks.shape[2]
-        if needed <= cap:
-            return
-        cap = max(needed, 2 * cap, 8)
-        b, hk, bk, d = self.batch_size, self.n_kv_heads, self.block, self.head_dim
-        kb = torch.empty(b, hk, cap, bk, d, device=self.storage_device, dtype=self.dtype)
-        vb = torch.empty_like(kb)
-        mk = torch.empty(b, hk, cap, d, device=self.device, dtype=self.dtype)
-        bm = torch.ones(b, cap, dtype=torch.bool, device=self.device)
-        if self.k_blocks is not None:
-            kb[:, :, : self.n_blocks] = self.k_blocks[:, :, : self.n_blocks]
-            vb[:, :, : self.n_blocks] = self.v_blocks[:, :, : self.n_blocks]
-            mk[:, :, : self.n_blocks] = self.mem_keys[:, :, : self.n_blocks]
-            bm[:, : self.n_blocks] = self.block_mask[:, : self.n_blocks]
-        self.k_blocks, self.v_blocks, self.mem_keys, self.block_mask = kb, vb, mk, bm
-
-    def store(
-        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
-    ) -> None:
-        """Replace the incomplete block with ``k, v`` (B, Hkv, S, D) pre-RoPE = old incomplete block + new tokens
-        (``mask`` (B, S): False = pad); their complete blocks move to the block store, the rest becomes the new
-        incomplete block. A complete block is all tokens or all pads (padded batches pad whole blocks)."""
-        full = k.shape[2] // self.block
-        b = k.shape[0]
-        mask = torch.ones(b, k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask
-        if full:
-            hk, d = k.shape[1], k.shape[3]
-            blocks = mask[:, : full * self.block].reshape(b, full, self.block)
-            if bool((blocks != blocks[:, :, -1:]).any()):
-                raise ValueError(
-                    "a landmark block mixes pads and tokens: pad whole blocks of mem_freq tokens (LandmarkSession "
-                    "pads prompts that way), so that a block is either retrieved whole or never"
-                )
-            kb = k[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
-            vb = v[:, :, : full * self.block].reshape(b, hk, full, self.block, d)
-            self._grow(self.n_blocks + full)
-            sl = slice(self.n_blocks, self.n_blocks + full)
-            self.k_blocks[:, :, sl] = kb.to(self.storage_device, self.dtype)
-            self.v_blocks[:, :, sl] = vb.to(self.storage_device, self.dtype)
-            self.mem_keys[:, :, sl] = kb[:, :, :, -1].to(self.dtype)
-            self.block_mask[:, sl] = blocks[:, :, -1].to(self.device)
-            self.n_blocks += full
-        self.tail_k = k[:, :, full * self.block :].to(self.dtype).clone()
-        self.tail_v = v[:, :, full * self.block :].to(self.dtype).clone()
-        self.tail_mask = mask[:, full * self.block :].to(self.device).clone()
-        if positions is not None:
-            self.tail_pos = positions[:, full * self.block :].clone()
-
-    @property
-    def padded(self) -> bool:
-        """Whether any cached block or tail entry is a pad."""
-        blocks = self.block_mask is not None and not bool(self.block_mask[:, : self.n_blocks].all())
-        return blocks or not bool(self.tail_mask.all())
-
-    def landmark_keys(self) -> torch.Tensor:
-        """(B, Hkv, n, D) landmark keys of the cached blocks, before RoPE, on the compute device."""
-        return self.mem_keys[:, :, : self.n_blocks]
-
-    def gather(self, selected: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks ``selected`` (B, H, Tr, k') for query heads (KV head h // n_rep) -> keys (pre-RoPE) and values
-        (B, H, Tr, k', Bk, D) on the compute device."""
-        b, h = selected.shape[:2]
-        idx = selected.to(self.storage_device)
-        bi = torch.arange(b, device=self.storage_device).view(b, 1, 1, 1)
-        hi = (torch.arange(h, device=self.storage_device) // n_rep).view(1, h, 1, 1)
-        kb = self.k_blocks[bi, hi, idx].to(self.device, non_blocking=True)
-        vb = self.v_blocks[bi, hi, idx].to(self.device, non_blocking=True)
-        return kb, vb
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in ``index`` (finished rows / beam search)."""
-        if self.k_blocks is not None:
-            self.k_blocks = self.k_blocks.index_select(0, index.to(self.storage_device))
-            self.v_blocks = self.v_blocks.index_select(0, index.to(self.storage_device))
-            self.mem_keys = self.mem_keys.index_select(0, index)
-            self.block_mask = self.block_mask.index_select(0, index)
-        self.tail_k, self.tail_v = self.tail_k.index_select(0, index), self.tail_v.index_select(0, index)
-        self.tail_mask, self.tail_pos = self.tail_mask.index_select(0, index), self.tail_pos.index_select(0, index)
-        self.batch_size = len(index)
-
-
-def select_blocks(mem_scores: torch.Tensor, top_k: int, selection: str) -> torch.Tensor:
-    """Top-k cached blocks per retriever from landmark scores (B, H, T, n), sorted chronologically.
-
-    Returns (B, H, T, k') for ``per_token_and_head`` and ``max_over_heads`` (the latter equal over heads), (B, H, 1, k')
-    for ``max_over_tokens``. The reduced variants take the max of the softmax probabilities (softmax first puts heads
-    and tokens on one scale, paper Table 2). Equal scores go to the older block.
-    """
-    kk = min(top_k, mem_scores.shape[-1])
-    if selection == "per_token_and_head":
-        rank = mem_scores
-    else:
-        probs = torch.softmax(mem_scores.float(), dim=-1)
-        if selection == "max_over_heads":
-            rank = probs.amax(dim=1, keepdim=True).expand_as(probs)
-        else:
-            rank = probs.amax(dim=2, keepdim=True)
-    # equal scores (e.g. layer-0 landmark keys at the shared slot 0) go to the older block: a documented, device-
-    # independent rule (topk leaves ties unspecified) that pad blocks of padded batches cannot shift
-    return rank.sort(dim=-1, descending=True, stable=True).indices[..., :kk].sort(dim=-1).values
-
-
-def attend_with_cache(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    is_mem: torch.Tensor,
-    start: torch.Tensor,
-    cache: LandmarkCache,
-    rope: Any,
-    scale: float,
-    mask: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One chunk of cached landmark inference (spec §3.1-3.3), then the chunk is written to ``cache``.
-
-    Args:
-        q: (B, H, T, D) queries rotated at their positions; k, v: (B, Hkv, T, D) keys *before* RoPE and values.
-        is_mem: (T,) landmark flags of the chunk (equal for all rows).
-        start: (B, 1) position P of the first token of the incomplete block (= first chunk position − its length).
-        rope: the model's rotary table builder (``ctx.rope``).
-        mask: (B, T) token mask of the chunk (False = pad) or None. Pads (of the chunk, the incomplete block and
-            whole pad blocks) are hidden from the grouped softmax, and pad blocks are never retrieved: their landmark
-            scores sit at the dtype minimum, below every token block's.
-        positions: (B, T) positions of the chunk when padded; then the incomplete block's tokens keep the positions
-            they were fed at and P is each row's first token there, so pad blocks between a row's chunks shift nothing.
-
-    The keys are ``[k' retrieved blocks | incomplete block | chunk]`` and the weights the grouped softmax over them.
-    """
-    b, h, t, d = q.shape
-    bk, m = cache.block, cache.tail_len
-    n_rep = h // k.shape[1]
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    local_k = torch.cat([cache.tail_k.to(k.dtype), k], dim=2)  # (B, Hkv, m + T, D) pre-RoPE
-    local_v = torch.cat([cache.tail_v.to(v.dtype), v], dim=2)
-    local_mem = torch.cat([is_mem.new_zeros(m), is_mem])
-    bad = local_mem != (torch.arange(m + t, device=is_mem.device) % bk == bk - 1)
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0]) - m
-        raise ValueError(
-            f"landmark tokens must close every block of {bk - 1} regular tokens counted from the first token fed to "
-            f"the cache; chunk token {pos} breaks the grid (incomplete block holds {m} tokens). Feed ordinary tokens "
-            "through LandmarkSession, which inserts the landmarks itself"
-        )
-    if positions is None:
-        local_pos = start + torch.arange(m + t, device=q.device)  # (B, m + T)
-        local_tokens = None
-    else:
-        local_pos = torch.cat([cache.tail_pos, positions], dim=1)
-        local_tokens = torch.cat([cache.tail_mask, mask], dim=1)  # (B, m + T)
-        first = torch.where(local_tokens.any(1), local_tokens.int().argmax(1), 0).unsqueeze(1)
-        start = local_pos.gather(1, first)  # P: the first token of the incomplete block
-    # one seq_len for every table (dynamic-NTK RoPE depends on it), the one the queries were rotated with
-    seq_len = int(local_pos.max()) + 1
-    cos, sin = rope(local_pos, seq_len=seq_len)
-    local_kr = apply_rotary(local_k, cos.unsqueeze(1), sin.unsqueeze(1))  # (B, Hkv, m + T, D)
-    scores = torch.matmul(q.to(cdt), repeat_kv(local_kr, n_rep).to(cdt).transpose(-1, -2)) * scale  # (B,H,T,m+T)
-    flags = local_mem.unsqueeze(0).expand(b, -1)
-    padded = local_tokens is not None or cache.padded
-    if padded:
-        if local_tokens is None:
-            local_tokens = torch.cat([cache.tail_mask, torch.ones(b, t, dtype=torch.bool, device=q.device)], dim=1)
-        key_mask = local_tokens.view(b, 1, 1, m + t)
-
-    prefix_v = None
-    n = cache.n_blocks
-    if n:
-        kk = min(cache.top_k, n)
-        if padded:  # stingy positions count each row's own blocks: pad blocks are skipped, wherever they sit
-            valid = cache.block_mask[:, :n]  # (B, n)
-            rank = valid.long().cumsum(1) - 1  # index of each block among the row's token blocks
-            n_row = valid.sum(1, keepdim=True)  # (B, 1)
-            kk_row = n_row.clamp(max=cache.top_k)  # k' of each row alone
-            recent = rank >= n_row - kk_row
-            mem_slot = torch.where(recent, rank - (n_row - kk_row) + 1, torch.zeros_like(rank))
-            mem_pos = start + slot_start(mem_slot, kk_row, bk) + bk - 1
-        else:
-            kk_row = torch.full((b, 1), kk, device=q.device)
-            mem_pos = start + slot_start(scoring_slots(n, kk, q.device), kk, bk) + bk - 1  # (B, n)
-        cos, sin = rope(mem_pos, seq_len=seq_len)
-        mem_k = apply_rotary(cache.landmark_keys(), cos.unsqueeze(1), sin.unsqueeze(1))
-        mem_k = repeat_kv(mem_k, n_rep).to(cdt)  # (B, H, n, D)
-        mem_scores = torch.matmul(q.to(cdt), mem_k.transpose(-1, -2)) * scale  # (B, H, T, n)
-        if padded:
-            mem_scores = mem_scores.masked_fill(~valid.view(b, 1, 1, n), torch.finfo(cdt).min)
-        selected = select_blocks(mem_scores, kk, cache.selection)
-        kb, vb = cache.gather(selected, n_rep)  # (B, H, Tr, k', Bk, D)
-        tr = selected.shape[2]
-        # only (k'+1)·Bk positions exist (k'+1 slots of Bk tokens): one RoPE table per row, indexed by slot
-        slot = torch.arange(kk + 1, device=q.device)
-        slot_pos = start.view(b, 1, 1) + (slot_start(slot.view(1, -1, 1), kk_row.view(b, 1, 1), bk)
-                                          + torch.arange(bk, device=q.device))
-        cos, sin = rope(slot_pos, seq_len=seq_len)  # (B, k'+1, Bk, D)
-        rows = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-        if padded:  # the row's own selection_slots: j counts its selected token blocks, recency its own blocks
-            picked = valid[rows, selected]  # (B, H, Tr, k')
-            j = picked.long().cumsum(-1) - picked.long()
-            slots = j + (rank[rows, selected] >= (n_row - kk_row).view(b, 1, 1, 1)).long()
-        else:
-            slots = selection_slots(selected, n)  # (B, H, Tr, k')
-        kb = apply_rotary(kb, cos[rows, slots], sin[rows, slots]).reshape(b, h, tr, kk * bk, d).to(cdt)
-        prefix_v = vb.reshape(b, h, tr, kk * bk, d).to(cdt)
-        prefix_scores = torch.matmul(q.to(cdt).unsqueeze(3), kb.transpose(-1, -2)).squeeze(3) * scale  # (B,H,T,k'Bk)
-        scores = torch.cat([prefix_scores, scores], dim=-1)
-        prefix_mem = (torch.arange(kk * bk, device=q.device) % bk == bk - 1).unsqueeze(0).expand(b, -1)
-        flags = torch.cat([prefix_mem, flags], dim=1)
-        if padded:  # a selected pad block (rows with fewer token blocks than k') is hidden whole
-            picked = picked.unsqueeze(-1).expand(*picked.shape, bk).reshape(b, h, tr, kk * bk)
-            key_mask = torch.cat([picked, key_mask.expand(b, h, tr, m + t)], dim=-1)
-
-    w = grouped_softmax_weights(scores, flags, key_mask if padded else None)  # (B, H, T, [k'Bk +] m + T)
-    y = torch.matmul(w[..., -(m + t) :], repeat_kv(local_v, n_rep).to(cdt))
-    if prefix_v is not None:
-        y = y + torch.matmul(w[..., : -(m + t)].unsqueeze(3), prefix_v).squeeze(3)
-    cache.store(local_k, local_v, local_tokens if padded else None, local_pos)
-    return y.to(q.dtype)
-
-
 # ------------------------------------------------------------------------------------------------------- the layer
 @register_attention(KIND)
 class LandmarkAttention(Attention):
@@ -720,7 +213,7 @@ class LandmarkAttention(Attention):
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LandmarkCache:
         o = self.options
         return LandmarkCache(batch_size, self.n_kv_heads, self.head_dim, o.block, device, dtype, o.top_k,
-                             o.selection, o.offload_to_cpu)
+                             o.selection, o.offload_to_cpu, o.mem_cache_size)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: LandmarkCache | None = None) -> torch.Tensor:
         if ctx.doc_ids is not None:
@@ -786,7 +279,9 @@ class LandmarkSession(DecodingSession):
     learnt to predict ``<landmark>`` there) uses the landmark's output. Default: the model's option of that name.
     ``suppress_landmark`` sets the landmark logit to −inf so that sampling never emits it.
 
-    Keyword overrides ``top_k``, ``selection``, ``offload_to_cpu`` replace the layers' options for this session.
+    Keyword overrides ``top_k``, ``selection``, ``offload_to_cpu``, ``mem_cache_size`` replace the layers' options for
+    this session (None keeps the option). ``record_retrieval=True`` keeps which blocks every layer retrieved
+    (:meth:`retrieved_blocks`).
     :meth:`forward_logits` returns the logits of every fed ordinary token (perplexity over long inputs).
     """
 
@@ -799,6 +294,8 @@ class LandmarkSession(DecodingSession):
         top_k: int | None = None,
         selection: str | None = None,
         offload_to_cpu: bool | None = None,
+        mem_cache_size: int | None = None,
+        record_retrieval: bool = False,
         include_landmark_in_loss: bool | None = None,
         suppress_landmark: bool = True,
         **_: Any,
@@ -819,12 +316,17 @@ class LandmarkSession(DecodingSession):
                     cache.selection = check_selection(selection)
                 if offload_to_cpu is not None:
                     cache.offload_to_cpu = offload_to_cpu
+                if mem_cache_size is not None:
+                    cache.mem_cache_size = mem_cache_size
+                cache.record_retrieval = record_retrieval
         self.include_landmark_in_loss = (opts.include_landmark_in_loss if include_landmark_in_loss is None
                                          else include_landmark_in_loss)
         self.suppress_landmark = suppress_landmark
         self.filled = 0  # regular tokens in the open block
+        self.record_retrieval = record_retrieval
         self._options = dict(top_k=top_k, selection=selection, offload_to_cpu=offload_to_cpu,
-                             include_landmark_in_loss=include_landmark_in_loss, suppress_landmark=suppress_landmark)
+                             mem_cache_size=mem_cache_size, include_landmark_in_loss=include_landmark_in_loss,
+                             suppress_landmark=suppress_landmark)
         self._groups: list[tuple[torch.Tensor, LandmarkSession]] | None = None  # padded batches: rows per grid
 
     def _run(self, ids: torch.Tensor, last_only: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -898,6 +400,9 @@ class LandmarkSession(DecodingSession):
             if self.state.position:
                 raise ValueError("a padded batch must be the first input of a landmark session (its rows then keep "
                                  "their own landmark grids); start a new session")
+            if self.record_retrieval:  # rows of one group share a stream with pad blocks: no per-row record
+                raise ValueError("record_retrieval records one block stream for the batch, which a padded batch "
+                                 "does not have; record retrievals with unpadded prompts (one prompt at a time)")
             parts = self._padded_groups(ids, mask)
             self._groups = [(rows, LandmarkSession(self.model, len(rows), self.prefill_chunk, **self._options))
                             for rows, _, _ in parts]
@@ -931,6 +436,12 @@ class LandmarkSession(DecodingSession):
         return self._groups is not None or (mask is not None and not bool(mask.all()))
 
     # ------------------------------------------------------------------------------------------------ the API
+    def retrieved_blocks(self) -> dict[int, list[torch.Tensor]]:
+        """Per landmark layer index, the blocks retrieved by each chunk fed so far (``record_retrieval=True``): a list
+        of (B, H, Tr, k') tensors of block indices in the augmented stream (block b = augmented positions
+        [b·Bk, (b+1)·Bk), landmark last); Tr = the chunk's augmented length, or 1 for ``max_over_tokens``."""
+        return {i: list(c.retrieved) for i, c in enumerate(self.state.caches) if isinstance(c, LandmarkCache)}
+
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Ingest (B, N) prompts (left-padded when ``attention_mask`` marks pads); logits (B, V) after each row."""
         mask = check_attention_mask(attention_mask, ids)
