@@ -366,6 +366,14 @@ class LandmarkData(LongCtxDataModule):
     def train_stream(self) -> LandmarkStream:
         return LandmarkStream(self.data.train_stream(), self.transform())
 
+    def row_tokens(self, seq_len: int) -> int:
+        return self.data.row_tokens(seq_len)
+
+    def stage_stream(self, seq_len: int, token_offset: int) -> LandmarkStream:
+        """The inner module's re-cut rows with landmarks inserted at the new length (context schedules)."""
+        self.data.seq_len = seq_len
+        return LandmarkStream(self.data.stage_stream(seq_len, token_offset), self.transform())
+
     def val_dataset(self) -> Dataset | None:
         rows = self.data.val_dataset()
         return None if rows is None else LandmarkRows(rows, self.transform())

@@ -359,6 +359,17 @@ class TextData(LongCtxDataModule):
         streams = [TokenStream(s["train"], self.seq_len, order, self.seed) for s in self.open()]
         return MixtureStream(streams, [s.weight for s in self.sources], self.seed)
 
+    def stage_stream(self, seq_len: int, token_offset: int) -> TokenStream:
+        """Rows of ``seq_len`` continuing the one source's stream at ``token_offset`` (context schedules)."""
+        weighted = [s for s, src in zip(self.open(), self.sources) if src.weight > 0]
+        if self.shuffle or len(weighted) != 1:
+            raise ValueError(
+                "a context schedule re-cuts the token stream at each new length from where the last stage stopped, "
+                "which needs one text source read in order: set shuffle: false and one source (or pre-tokenize the "
+                "mixture into TokenFiles)"
+            )
+        return TokenStream(weighted[0]["train"], seq_len, "sequential", self.seed, offset=token_offset)
+
     def val_dataset(self) -> Dataset | None:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         parts = [TokenWindows(s["val"], self.seq_len, pad) for s in self.open() if "val" in s]

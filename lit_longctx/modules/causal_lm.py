@@ -391,6 +391,27 @@ class CausalLM(L.LightningModule):
         """Hook: the decoding driver for generation and evaluation (the model's attention kinds pick it)."""
         return session_for(self.model, batch_size=batch_size, **kwargs)
 
+    # ----------------------------------------------------------------------------------------- context schedules
+    def check_context_stage(self, seq_len: int, micro_batch: int) -> None:
+        """Hook: raise ``ConfigError`` when this method cannot train rows of ``seq_len`` in micro-batches of
+        ``micro_batch`` (``lit_longctx.callbacks.context_schedule`` asks for every stage before training)."""
+
+    def apply_context_stage(self, seq_len: int, micro_batch: int, rope: Any, max_seq_len: int) -> None:
+        """Hook: train at a new length: the model's RoPE (a ``RopeConfig``) and ``max_seq_len`` change (also in the
+        config saved in checkpoints and HF exports) and FLOPs are counted at (micro_batch, seq_len). RoPE tables are
+        computed from the config on every forward, so swapping the table builder is the whole change."""
+        from lit_longctx.nn.rope import RotaryEmbedding
+
+        old = self.model_config
+        config = old.replace(rope=rope, max_seq_len=max_seq_len)
+        self.model_config = config
+        if self.model is not None:
+            for module in self.model.modules():
+                if getattr(module, "config", None) is old or getattr(module, "config", None) is self.model.config:
+                    module.config = config
+            self.model.rope = RotaryEmbedding(config.rope, config.head_dim, config.max_seq_len)
+        self.flops_per_batch = self.model_flops_per_batch(micro_batch, seq_len)
+
     # ------------------------------------------------------------------------------------------------- optimizer
     @property
     def flops_formula(self) -> str:

@@ -202,6 +202,10 @@ class FoT(CausalLM):
         if stage in ("fit", "validate", "test") and self.hparams.eval_cross_batch_range > 0:
             self._check_layout(batch_size, "val")
 
+    def check_context_stage(self, seq_len: int, micro_batch: int) -> None:
+        """A stage's micro-batch must hold whole packs of k consecutive windows (the cross-batch layout)."""
+        self._check_layout(micro_batch, "train")
+
     # ---------------------------------------------------------------------------------------------------- steps
     def on_batch_layout(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, Any]:
         """Cross-batch settings of the stage: training r (or explicit ranges) and k, or the evaluation range."""
