@@ -92,6 +92,9 @@ class CausalLM(L.LightningModule):
             analytic) or ``measured`` (torch's FLOP counter on a meta-device copy); see ``lit_longctx.flops``.
         generation: settings for ``predict``: prompt_tokens (the prompt is the first this many tokens of each row),
             max_new_tokens, temperature, top_k, top_p.
+        lora: train LoRA adapters instead of the full model (``lit_longctx.modules.lora.LoraSettings``: r, alpha,
+            dropout, targets, trainable extras such as [embeddings, norms] for LongLoRA); merged on every checkpoint
+            read and export.
     """
 
     #: checkpoint tag; subclasses set their own so a checkpoint of one method is not silently loaded by another
@@ -118,9 +121,13 @@ class CausalLM(L.LightningModule):
         compile: bool = False,
         flops_formula: Literal["palm", "measured"] = "palm",
         generation: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        from lit_longctx.modules.lora import LoraSettings
+
+        self.lora = LoraSettings.parse(lora) if lora else None
         if isinstance(model, ModelConfig):  # keep checkpoints free of custom classes (weights_only loading)
             self.hparams["model"] = model.to_dict()
         self.model: Transformer | None = None
@@ -189,7 +196,12 @@ class CausalLM(L.LightningModule):
 
     def build_model(self) -> Transformer:
         """Hook: the network. Called inside ``configure_model``, possibly under a meta-device context."""
-        return Transformer(self.model_config)
+        model = Transformer(self.model_config)
+        if self.lora is not None:
+            from lit_longctx.modules.lora import apply_lora
+
+            apply_lora(model, self.lora)
+        return model
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -232,6 +244,10 @@ class CausalLM(L.LightningModule):
         """The ``init_from`` state dict, read on first use (the constructor reads the config and tokenizer only)."""
         if not self._init_checkpoint.state_dict:
             self._init_checkpoint = read_checkpoint(self.hparams.init_from)
+        if self.lora is not None:  # fresh adapters (B = 0) beside the plain weights
+            from lit_longctx.modules.lora import complete_state
+
+            self._init_checkpoint.state_dict = complete_state(self._init_checkpoint.state_dict, self.lora)
         return self._init_checkpoint.state_dict
 
     def _restore_path(self) -> str | None:
@@ -478,6 +494,9 @@ class CausalLM(L.LightningModule):
             "tokenizer_files": tokenizer_to_files(self.tokenizer),
             "tokens_seen": self.tokens_seen,
         }
+        if self.lora is not None:  # readers merge W0 + scaling * B A (lit_longctx.checkpoint)
+            checkpoint["lit_longctx"]["extra"] = {"lora": {"scaling": self.lora.scaling, "r": self.lora.r,
+                                                           "targets": list(self.lora.targets)}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("lit_longctx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning as L
@@ -198,3 +199,31 @@ def test_step_accumulation_scheduler_alone_equals_manual_accumulation(tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
 
+
+
+def test_checkpoint_and_hf_export_carry_the_stage_rope(tmp_path):
+    """transformers loads the export of a stage-3 checkpoint with yarn RoPE and its logits equal ours."""
+    from transformers import LlamaForCausalLM
+
+    from lit_longctx.export import export_hf
+
+    stages = [STAGES[0], {"step": 2, "seq_len": 64, "micro_batch": 1, "accumulate": 1,
+                          "rope": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}]
+    module, trainer, _ = fit(tmp_path, stages=stages, max_steps=3)
+    ckpt = tmp_path / "stage2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["lit_longctx"]["model_config"]
+    assert saved["max_seq_len"] == 64 and saved["rope"]["rope_type"] == "yarn"
+    out = export_hf(ckpt, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    scaling = config.get("rope_scaling") or config.get("rope_parameters")
+    assert config["max_position_embeddings"] == 64
+    assert scaling["rope_type"] == "yarn" and scaling["factor"] == 4.0
+    assert scaling["original_max_position_embeddings"] == 16
+    hf = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    module.model.eval()
+    with torch.no_grad():
+        ours = module.model(ids, return_logits=True).logits
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
