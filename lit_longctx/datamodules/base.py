@@ -302,13 +302,10 @@ class LongCtxDataModule(L.LightningDataModule):
         Each segment's rows come from :meth:`stage_stream`."""
         self._stages = (list(segments), total_batches) if segments else None
 
-    def row_tokens(self, seq_len: int) -> int:
-        """Tokens of the stream one training row of ``seq_len`` inputs consumes (T inputs + the last target)."""
-        return seq_len + 1
-
     def stage_stream(self, seq_len: int, token_offset: int) -> SampleStream:
         """Hook: training rows of ``seq_len`` whose first row starts ``token_offset`` tokens into the training stream
-        (the tokens that earlier stages consumed), so a length switch neither skips nor repeats tokens."""
+        (the tokens that earlier stages consumed, as the earlier stages' streams count them with
+        ``stream_tokens(rows)``), so a length switch neither skips nor repeats tokens."""
         raise ValueError(
             f"{type(self).__name__} cannot re-cut its training stream at a new sequence length, which a context "
             "schedule needs; use TokenFiles (train_order sequential or random) or TextData with one source and "

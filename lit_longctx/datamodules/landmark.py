@@ -247,6 +247,9 @@ class LandmarkStream(SampleStream):
     def batches_per_epoch(self, world_size: int, batch_size: int) -> int:
         return self.inner.batches_per_epoch(world_size, batch_size)
 
+    def stream_tokens(self, rows: int) -> int:
+        return self.inner.stream_tokens(rows)
+
     def batch_positions(self, batch: int, plan: StreamPlan) -> list[int]:
         return self.inner.batch_positions(batch, plan)
 
@@ -365,9 +368,6 @@ class LandmarkData(LongCtxDataModule):
     # --- rows
     def train_stream(self) -> LandmarkStream:
         return LandmarkStream(self.data.train_stream(), self.transform())
-
-    def row_tokens(self, seq_len: int) -> int:
-        return self.data.row_tokens(seq_len)
 
     def stage_stream(self, seq_len: int, token_offset: int) -> LandmarkStream:
         """The inner module's re-cut rows with landmarks inserted at the new length (context schedules)."""

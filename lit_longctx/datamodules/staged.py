@@ -71,7 +71,8 @@ class StagedLoader(DataLoader):
     """A resumable loader over :class:`StagedStream`; ``state_dict()`` says which micro-batch comes next.
 
     Args:
-        datamodule: a ``LongCtxDataModule`` whose ``stage_stream(seq_len, token_offset)`` gives each segment's rows.
+        datamodule: a ``LongCtxDataModule`` whose ``stage_stream(seq_len, token_offset)`` gives each segment's rows
+            (a stream with ``stream_tokens(rows)``: the tokens its first ``rows`` positions read).
         segments: the plan, first segment at micro-batch 0, increasing ``first_batch``.
         total_batches: micro-batches per rank the run consumes (its length).
         rank: data-parallel rank.
@@ -93,7 +94,7 @@ class StagedLoader(DataLoader):
             if i:
                 prev = segments[i - 1]
                 rows = (seg.first_batch - prev.first_batch) * prev.batch_size * world_size
-                offset += rows * datamodule.row_tokens(prev.seq_len)
+                offset += built[-1].stream.stream_tokens(rows)
             built.append(_Built(seg, datamodule.stage_stream(seg.seq_len, offset), offset))
         self.staged = StagedStream(built, rank, world_size, 0, total_batches)
         super().__init__(self.staged, batch_size=None, num_workers=num_workers)

@@ -108,6 +108,17 @@ class MixtureStream(SampleStream):
     def num_samples(self) -> int:
         return self._num_samples
 
+    def stream_tokens(self, rows: int) -> int:
+        """Tokens of the components' token streams that the first ``rows`` positions read (synthetic components,
+        which have no ``stream_tokens``, read none)."""
+        full, rest = divmod(rows, self._num_samples)
+        total = 0
+        for c, comp in enumerate(self.components):
+            if hasattr(comp, "stream_tokens"):
+                n = full * int((self.component == c).sum()) + int((self.component[:rest] == c).sum())
+                total += comp.stream_tokens(n)
+        return total
+
     def get_sample(self, epoch: int, index: int) -> dict[str, Any]:
         c, j = int(self.component[index]), int(self.within[index])
         comp = self.components[c]

@@ -306,6 +306,10 @@ class TokenStream(SampleStream):
             start = (self.offset + index * (self.seq_len + 1)) % self.split.num_tokens
         return self.split.row(start, self.seq_len)
 
+    def stream_tokens(self, rows: int) -> int:
+        """Tokens of the file that the first ``rows`` positions read (a row is a T+1-token window)."""
+        return rows * (self.seq_len + 1)
+
     def sample_at(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
         if self.order_kind == "sequential":
             # ALLaMo pads the stream from its start: positions past the end keep cutting the cyclic stream
