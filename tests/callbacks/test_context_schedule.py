@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -227,3 +228,29 @@ def test_checkpoint_and_hf_export_carry_the_stage_rope(tmp_path):
         ours = module.model(ids, return_logits=True).logits
         theirs = hf(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_stage_evaluation_at_each_stage_length_and_stage_logs(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_longctx.callbacks.long_eval import LongEvalCallback
+
+    calls = []
+    monkeypatch.setattr(LongEvalCallback, "evaluate", lambda self, trainer, module: calls.append(
+        (trainer.global_step, sorted({spec[0] for spec in self.specs}))))
+    data_dir, _ = token_dir(tmp_path)
+    dm = TokenFiles(str(data_dir), tokenizer="byte", seq_len=16, batch_size=4, train_order="sequential")
+    schedule = ContextSchedule(STAGES, stage_eval={"depths": [0.5], "trials": 1}, stage_eval_at="both")
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=6, limit_val_batches=0,
+                        log_every_n_steps=1, callbacks=[schedule])
+    trainer.fit(Recorder(), datamodule=dm)
+    # start and end of every stage, at the stage's own length
+    assert calls == [(0, [16]), (2, [16]), (2, [32]), (4, [32]), (4, [64]), (6, [64])]
+    logger.save()
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [(int(r["step"]), float(r["context/seq_len"]), float(r["context/rope_factor"]))
+              for r in rows if r.get("context/seq_len")]
+    assert logged == [(0, 16.0, 1.0), (2, 32.0, 2.0), (4, 64.0, 4.0)]
