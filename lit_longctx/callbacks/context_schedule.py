@@ -211,7 +211,11 @@ class ContextSchedule(Callback):
                 lambdas = getattr(config.scheduler, "lr_lambdas", None)
                 if lambdas is None:
                     raise ConfigError("stage warmup_steps needs a LambdaLR schedule (CausalLM's)")
-                config.scheduler.lr_lambdas = [self._rewarm(f) for f in lambdas]
+                scheduler = config.scheduler
+                scheduler.lr_lambdas = [self._rewarm(f) for f in lambdas]
+                # the current step's rate was set with the unwrapped factor when the scheduler was built
+                for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * f(scheduler.last_epoch)
 
     def _rewarm(self, base: Any) -> Any:
         def factor(step: int) -> float:

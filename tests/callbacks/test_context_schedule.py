@@ -49,6 +49,7 @@ class Recorder(CausalLM):
             "step": self.trainer.global_step, "shape": tuple(batch["input_ids"].shape),
             "accumulate": self.trainer.accumulate_grad_batches, "rope": rope.rope, "cos": rope(pos)[0],
             "tokens": torch.cat([batch["input_ids"], batch["labels"][:, -1:]], 1), "flops": self.flops_per_batch,
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
         })
         return super().training_step(batch, batch_idx)
 
@@ -254,3 +255,12 @@ def test_stage_evaluation_at_each_stage_length_and_stage_logs(tmp_path, monkeypa
     logged = [(int(r["step"]), float(r["context/seq_len"]), float(r["context/rope_factor"]))
               for r in rows if r.get("context/seq_len")]
     assert logged == [(0, 16.0, 1.0), (2, 32.0, 2.0), (4, 64.0, 4.0)]
+
+
+def test_learning_rate_rewarms_at_a_stage_start(tmp_path):
+    stages = [{"step": 0, "seq_len": 16, "micro_batch": 4, "warmup_steps": 2},
+              {"step": 2, "seq_len": 32, "micro_batch": 2, "warmup_steps": 3}]
+    module, _, _ = fit(tmp_path, stages=stages, max_steps=6)
+    lrs = {r["step"]: r["lr"] for r in module.seen}
+    expected = {0: 0.5, 1: 1.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0, 5: 1.0}  # x 1e-3, constant schedule otherwise
+    assert lrs == pytest.approx({k: v * 1e-3 for k, v in expected.items()})
