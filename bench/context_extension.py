@@ -116,8 +116,9 @@ def markdown(args: argparse.Namespace, rows: dict[str, dict[str, Any]], facts: d
         ppl = row["ppl"]
         lines.append(f"| {name} | " + " | ".join(f"{100 * acc[n]:.0f}" for n in lengths) + " | "
                      + " | ".join(f"{ppl.get(b, float('nan')):.2f}" for b in facts["buckets"]) + " |")
-    lines += ["", facts["reading"], "",
-              f"Base: {facts['base_steps']} steps at 8 x 256 tokens ({facts['base_seconds'] / 60:.1f} min). Each arm: "
+    base = (f"{facts['base_seconds'] / 60:.1f} min" if facts["base_seconds"] == facts["base_seconds"]
+            else "the given checkpoint")
+    lines += ["", f"Base: {facts['base_steps']} steps at 8 x 256 tokens ({base}). Each arm: "
               f"{args.steps} steps at 2048 tokens per step ({args.steps * 2048 / 1e6:.2f}M tokens), lr {args.lr} "
               "with 10 warm-up steps, passkey fraction 0.8, text read in order (`shuffle: false`). Arm wall-clock: "
               + ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in rows.items() if "seconds" in r) + ".",
@@ -181,8 +182,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"{name}: passkey {[r['accuracy'] for r in row['passkey']['by_length']]} ppl {row['ppl']}", flush=True)
     loads.append(os.getloadavg()[0])
     buckets = list(next(iter(rows.values()))["ppl"])
-    facts = {"base_steps": args.base_steps, "base_seconds": base_seconds, "loads": loads, "buckets": buckets,
-             "reading": "(reading: see below)"}
+    facts = {"base_steps": args.base_steps, "base_seconds": base_seconds, "loads": loads, "buckets": buckets}
     section = markdown(args, rows, facts)
     (args.runs / "summary.json").write_text(json.dumps(
         {n: {k: v for k, v in r.items() if k != "ckpt"} for n, r in rows.items()}, indent=1, default=str))
