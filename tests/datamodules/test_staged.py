@@ -66,7 +66,7 @@ def test_segments_continue_the_stream_without_gap_or_repeat(tmp_path, world_size
         assert loaders[0].token_offset(1) == 3 * 4 * world_size * 9
 
 
-def test_resume_at_any_micro_batch_gives_the_same_batches(tmp_path):
+def test_resume_at_any_micro_batch_and_workers_give_the_same_batches(tmp_path):
     tokens = np.random.default_rng(1).integers(0, VOCAB, 2000)
     write_token_files(tmp_path, {"train": tokens}, vocab_size=VOCAB)
     dm = TokenFiles(str(tmp_path), tokenizer="byte", seq_len=8, batch_size=4, train_order="sequential")
@@ -80,6 +80,8 @@ def test_resume_at_any_micro_batch_gives_the_same_batches(tmp_path):
         resumed.load_state_dict(first.state_dict())
         for a, b in zip(list(resumed), full[k:], strict=True):
             assert torch.equal(a["input_ids"], b["input_ids"])
+    with_workers = list(StagedLoader(dm, SEGMENTS, 10, 0, 1, num_workers=2))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(with_workers, full, strict=True))
     edited = StagedLoader(dm, [Segment(0, 8, 4), Segment(3, 32, 1)], 10, 0, 1)
     with pytest.raises(ValueError, match="resume with the same stages"):
         state = StagedLoader(dm, SEGMENTS, 10, 0, 1).state_dict()
