@@ -85,6 +85,10 @@ def _make_cli(args: list[str] | None) -> Any:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
     # main(argv) is also called in-process (tests, notebooks) while sys.argv holds the host program's arguments
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    from lit_longctx.callbacks.progress import install as install_progress
+    from lit_longctx.callbacks.progress import quiet_lightning
+
+    quiet_lightning()
 
     from lit_longctx.datamodules.base import LongCtxDataModule
     from lit_longctx.modules.causal_lm import CausalLM
@@ -153,6 +157,11 @@ def _make_cli(args: list[str] | None) -> Any:
                 print(f"lit-longctx: training interrupted at step {stop.step}; checkpoint saved to {stop.path}\n"
                       f"resume with: {command}", file=sys.stderr, flush=True)
                 sys.exit(130)
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            trainer = super().instantiate_trainer(**kwargs)
+            install_progress(trainer)  # step/stage/tokens-per-second bar, training FLOPs in the model summary
+            return trainer
 
     return LongCtxCLI(
         CausalLM,

@@ -262,6 +262,7 @@ class LongCtxDataModule(L.LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self._train_loader: ResumableLoader | None = None
         self._pending_train_state: dict[str, int] | None = None
+        self._stages: tuple[list[Any], int] | None = None
 
     # --- tokenizer and vocabulary
     @property
@@ -294,6 +295,23 @@ class LongCtxDataModule(L.LightningDataModule):
         """Held-out rows (dicts of 1-D tensors) in a fixed order, or None."""
         return None
 
+    # --- length-changing schedules (lit_longctx.datamodules.staged)
+    def set_stages(self, segments: list[Any] | None, total_batches: int = 0) -> None:
+        """Train on a staged plan: a list of :class:`~lit_longctx.datamodules.staged.Segment` (row length and
+        micro-batch from a given micro-batch on) for ``total_batches`` micro-batches per rank; None: the plain loader.
+        Each segment's rows come from :meth:`stage_stream`."""
+        self._stages = (list(segments), total_batches) if segments else None
+
+    def stage_stream(self, seq_len: int, token_offset: int) -> SampleStream:
+        """Hook: training rows of ``seq_len`` whose first row starts ``token_offset`` tokens into the training stream
+        (the tokens that earlier stages consumed, as the earlier stages' streams count them with
+        ``stream_tokens(rows)``), so a length switch neither skips nor repeats tokens."""
+        raise ValueError(
+            f"{type(self).__name__} cannot re-cut its training stream at a new sequence length, which a context "
+            "schedule needs; use TokenFiles (train_order sequential or random) or TextData with one source and "
+            "shuffle: false"
+        )
+
     # --- loaders
     def data_parallel_rank(self) -> tuple[int, int]:
         """``(rank, world_size)`` of data parallelism: the Trainer strategy's (which knows tensor-parallel meshes),
@@ -305,6 +323,18 @@ class LongCtxDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world_size = self.data_parallel_rank()
+        if self._stages is not None:
+            from lit_longctx.datamodules.staged import StagedLoader
+
+            segments, total = self._stages
+            loader = StagedLoader(self, segments, total, rank, world_size, self.num_workers)
+            if self._pending_train_state is not None:
+                loader.load_state_dict(self._pending_train_state)
+                self._pending_train_state = None
+            elif self._train_loader is not None:
+                loader.load_state_dict(self._train_loader.state_dict())
+            self._train_loader = loader
+            return loader
         loader = ResumableLoader(self.train_stream(), self.batch_size, self.num_workers, rank, world_size)
         if self._pending_train_state is not None:
             loader.load_state_dict(self._pending_train_state)

@@ -284,6 +284,9 @@ class LandmarkStream(SampleStream):
     def batches_per_epoch(self, world_size: int, batch_size: int) -> int:
         return self.inner.batches_per_epoch(world_size, batch_size)
 
+    def stream_tokens(self, rows: int) -> int:
+        return self.inner.stream_tokens(rows)
+
     def batch_positions(self, batch: int, plan: StreamPlan) -> list[int]:
         return self.inner.batch_positions(batch, plan)
 
@@ -405,6 +408,11 @@ class LandmarkData(LongCtxDataModule):
     # --- rows
     def train_stream(self) -> LandmarkStream:
         return LandmarkStream(self.data.train_stream(), self.transform())
+
+    def stage_stream(self, seq_len: int, token_offset: int) -> LandmarkStream:
+        """The inner module's re-cut rows with landmarks inserted at the new length (context schedules)."""
+        self.data.seq_len = seq_len
+        return LandmarkStream(self.data.stage_stream(seq_len, token_offset), self.transform())
 
     def val_dataset(self) -> Dataset | None:
         rows = self.data.val_dataset()

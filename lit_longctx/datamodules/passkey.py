@@ -577,6 +577,25 @@ class PasskeyMixData(TextData):
         """
         return module_passkey_documents(self, bos, eos)
 
+    def stage_stream(self, seq_len: int, token_offset: int) -> SampleStream:
+        """Context schedules: the text continues at ``token_offset`` (one source, in order) re-cut at ``seq_len``,
+        and the passkey documents scale with the row length (retrieval is trained at the stage's length): lengths
+        ``(lo, hi)`` become ``(lo·s, seq_len + 1)`` with s = seq_len / (hi − 1)."""
+        text = super().stage_stream(seq_len, token_offset)
+        f = self.passkey_fraction
+        if f == 0:
+            return text
+        low, high = self.passkey_lengths
+        lengths = (max(1, min(seq_len + 1, round(low * seq_len / max(1, high - 1)))), seq_len + 1)
+        documents = PasskeyDocuments(
+            self.tokenizer, lengths, self.passkey_depths, self.task, self.seed, self.key_range, self.template,
+            self.needle_template, self.n_keys, self.answer_template, bos=True, eos=True,
+        )
+        rows = text.num_samples if f == 1 else max(1, round(text.num_samples * f / (1 - f)))
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        passkey = PasskeyStream(documents, seq_len, rows, self.passkey_labels, pad)
+        return MixtureStream([text, passkey], [1 - f, f], self.seed)
+
     def train_stream(self) -> SampleStream:
         text = super().train_stream()
         f = self.passkey_fraction

@@ -108,6 +108,17 @@ class MixtureStream(SampleStream):
     def num_samples(self) -> int:
         return self._num_samples
 
+    def stream_tokens(self, rows: int) -> int:
+        """Tokens of the components' token streams that the first ``rows`` positions read (synthetic components,
+        which have no ``stream_tokens``, read none)."""
+        full, rest = divmod(rows, self._num_samples)
+        total = 0
+        for c, comp in enumerate(self.components):
+            if hasattr(comp, "stream_tokens"):
+                n = full * int((self.component == c).sum()) + int((self.component[:rest] == c).sum())
+                total += comp.stream_tokens(n)
+        return total
+
     def get_sample(self, epoch: int, index: int) -> dict[str, Any]:
         c, j = int(self.component[index]), int(self.within[index])
         comp = self.components[c]
@@ -398,6 +409,17 @@ class TextData(LongCtxDataModule):
         order = "shuffled" if self.shuffle else "sequential"
         streams = [TokenStream(s["train"], self.seq_len, order, self.seed) for s in self.open()]
         return MixtureStream(streams, [s.weight for s in self.sources], self.seed)
+
+    def stage_stream(self, seq_len: int, token_offset: int) -> TokenStream:
+        """Rows of ``seq_len`` continuing the one source's stream at ``token_offset`` (context schedules)."""
+        weighted = [s for s, src in zip(self.open(), self.sources) if src.weight > 0]
+        if self.shuffle or len(weighted) != 1:
+            raise ValueError(
+                "a context schedule re-cuts the token stream at each new length from where the last stage stopped, "
+                "which needs one text source read in order: set shuffle: false and one source (or pre-tokenize the "
+                "mixture into TokenFiles)"
+            )
+        return TokenStream(weighted[0]["train"], seq_len, "sequential", self.seed, offset=token_offset)
 
     def val_dataset(self) -> Dataset | None:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0

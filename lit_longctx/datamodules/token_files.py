@@ -291,13 +291,17 @@ class TokenStream(SampleStream):
         seq_len: T.
         order: ``random`` windows, or non-overlapping windows in ``sequential`` or ``shuffled`` order.
         seed: seeds random starts and shuffling.
+        offset: ``sequential`` only: the first window starts this many tokens into the (cyclic) stream (the tokens
+            earlier stages of a context schedule consumed).
     """
 
-    def __init__(self, split: TokenSplit, seq_len: int, order: str = "random", seed: int = 1234) -> None:
+    def __init__(
+        self, split: TokenSplit, seq_len: int, order: str = "random", seed: int = 1234, offset: int = 0
+    ) -> None:
         if order not in ("random", "shuffled", "sequential"):
             raise ValueError(f"unknown order {order!r}: use random, shuffled or sequential")
         super().__init__(seed=seed, shuffle=order == "shuffled")
-        self.split, self.seq_len, self.order_kind = split, seq_len, order
+        self.split, self.seq_len, self.order_kind, self.offset = split, seq_len, order, offset
         self._num_samples = -(-split.num_tokens // (seq_len + 1))
 
     @property
@@ -308,8 +312,12 @@ class TokenStream(SampleStream):
         if self.order_kind == "random":
             start = int(self.rng(epoch, index).integers(0, self.split.num_tokens - self.seq_len))
         else:
-            start = index * (self.seq_len + 1)
+            start = (self.offset + index * (self.seq_len + 1)) % self.split.num_tokens
         return self.split.row(start, self.seq_len)
+
+    def stream_tokens(self, rows: int) -> int:
+        """Tokens of the file that the first ``rows`` positions read (a row is a T+1-token window)."""
+        return rows * (self.seq_len + 1)
 
     def sample_at(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
         if self.order_kind == "sequential":
@@ -547,6 +555,15 @@ class TokenFiles(LongCtxDataModule):
 
     def train_stream(self) -> TokenStream:
         return TokenStream(self.open()["train"], self.seq_len, self.train_order, self.seed)
+
+    def stage_stream(self, seq_len: int, token_offset: int) -> TokenStream:
+        """Rows of ``seq_len`` continuing the sequential stream at ``token_offset`` (random windows stay random)."""
+        if self.train_order == "shuffled":
+            raise ValueError(
+                "train_order=shuffled permutes windows of one fixed length, so a context schedule cannot re-cut it at "
+                "a new length from the same position; use train_order sequential (or random)"
+            )
+        return TokenStream(self.open()["train"], seq_len, self.train_order, self.seed, offset=token_offset)
 
     def val_dataset(self) -> TokenWindows | None:
         split = self.open().get("val")

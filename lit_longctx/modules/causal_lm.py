@@ -128,6 +128,9 @@ class CausalLM(L.LightningModule):
             analytic) or ``measured`` (torch's FLOP counter on a meta-device copy); see ``lit_longctx.flops``.
         generation: settings for ``predict``: prompt_tokens (the prompt is the first this many tokens of each row),
             max_new_tokens, temperature, top_k, top_p.
+        lora: train LoRA adapters instead of the full model (``lit_longctx.modules.lora.LoraSettings``: r, alpha,
+            dropout, targets, trainable extras such as [embeddings, norms] for LongLoRA); merged on every checkpoint
+            read and export.
     """
 
     #: checkpoint tag; subclasses set their own so a checkpoint of one method is not silently loaded by another
@@ -154,12 +157,16 @@ class CausalLM(L.LightningModule):
         compile: bool = False,
         flops_formula: Literal["palm", "measured"] = "palm",
         generation: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_args(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps,
                              warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, cosine_cycles=cosine_cycles,
                              decay_steps=decay_steps, lr_schedule=lr_schedule)
         self.save_hyperparameters()
+        from lit_longctx.modules.lora import LoraSettings
+
+        self.lora = LoraSettings.parse(lora) if lora else None
         if isinstance(model, ModelConfig):  # keep checkpoints free of custom classes (weights_only loading)
             self.hparams["model"] = model.to_dict()
         self.model: Transformer | None = None
@@ -238,7 +245,12 @@ class CausalLM(L.LightningModule):
 
     def build_model(self) -> Transformer:
         """Hook: the network. Called inside ``configure_model``, possibly under a meta-device context."""
-        return Transformer(self.model_config)
+        model = Transformer(self.model_config)
+        if self.lora is not None:
+            from lit_longctx.modules.lora import apply_lora
+
+            apply_lora(model, self.lora)
+        return model
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -281,6 +293,10 @@ class CausalLM(L.LightningModule):
         """The ``init_from`` state dict, read on first use (the constructor reads the config and tokenizer only)."""
         if not self._init_checkpoint.state_dict:
             self._init_checkpoint = read_checkpoint(self.hparams.init_from)
+        if self.lora is not None:  # fresh adapters (B = 0) beside the plain weights
+            from lit_longctx.modules.lora import complete_state
+
+            self._init_checkpoint.state_dict = complete_state(self._init_checkpoint.state_dict, self.lora)
         return self._init_checkpoint.state_dict
 
     def _restore_path(self) -> str | None:
@@ -440,6 +456,27 @@ class CausalLM(L.LightningModule):
         """Hook: the decoding driver for generation and evaluation (the model's attention kinds pick it)."""
         return session_for(self.model, batch_size=batch_size, **kwargs)
 
+    # ----------------------------------------------------------------------------------------- context schedules
+    def check_context_stage(self, seq_len: int, micro_batch: int) -> None:
+        """Hook: raise ``ConfigError`` when this method cannot train rows of ``seq_len`` in micro-batches of
+        ``micro_batch`` (``lit_longctx.callbacks.context_schedule`` asks for every stage before training)."""
+
+    def apply_context_stage(self, seq_len: int, micro_batch: int, rope: Any, max_seq_len: int) -> None:
+        """Hook: train at a new length: the model's RoPE (a ``RopeConfig``) and ``max_seq_len`` change (also in the
+        config saved in checkpoints and HF exports) and FLOPs are counted at (micro_batch, seq_len). RoPE tables are
+        computed from the config on every forward, so swapping the table builder is the whole change."""
+        from lit_longctx.nn.rope import RotaryEmbedding
+
+        old = self.model_config
+        config = old.replace(rope=rope, max_seq_len=max_seq_len)
+        self.model_config = config
+        if self.model is not None:
+            for module in self.model.modules():
+                if getattr(module, "config", None) is old or getattr(module, "config", None) is self.model.config:
+                    module.config = config
+            self.model.rope = RotaryEmbedding(config.rope, config.head_dim, config.max_seq_len)
+        self.flops_per_batch = self.model_flops_per_batch(micro_batch, seq_len)
+
     # ------------------------------------------------------------------------------------------------- optimizer
     @property
     def flops_formula(self) -> str:
@@ -506,6 +543,9 @@ class CausalLM(L.LightningModule):
             "tokenizer_files": tokenizer_to_files(self.tokenizer),
             "tokens_seen": self.tokens_seen,
         }
+        if self.lora is not None:  # readers merge W0 + scaling * B A (lit_longctx.checkpoint)
+            checkpoint["lit_longctx"]["extra"] = {"lora": {"scaling": self.lora.scaling, "r": self.lora.r,
+                                                           "targets": list(self.lora.targets)}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("lit_longctx")

@@ -214,6 +214,10 @@ class FoT(CausalLM):
                 f"{config.max_seq_len} it must fit in at inference; lower it to at most {config.max_seq_len}"
             )
 
+    def check_context_stage(self, seq_len: int, micro_batch: int) -> None:
+        """A stage's micro-batch must hold whole packs of k consecutive windows (the cross-batch layout)."""
+        self._check_layout(micro_batch, "train")
+
     # ---------------------------------------------------------------------------------------------------- steps
     def on_batch_layout(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, Any]:
         """Cross-batch settings of the stage: training r (or explicit ranges) and k, or the evaluation range."""

@@ -190,6 +190,13 @@ class Landmark(CausalLM):
                 "model's tokenizer (e.g. the tokenizer files of the init_from checkpoint)"
             )
 
+    def apply_context_stage(self, seq_len: int, micro_batch: int, rope: Any, max_seq_len: int) -> None:
+        """A new stage length is the new training context the default inference chunk length derives from."""
+        options = {**self.model_config.attention_options.get(KIND, {}), "train_context_length": seq_len}
+        self.model_config = self.model_config.replace(
+            attention_options={**self.model_config.attention_options, KIND: options})
+        super().apply_context_stage(seq_len, micro_batch, rope, max_seq_len)
+
     # ------------------------------------------------------------------------------------------------ inference
     def inference_session(self, batch_size: int = 1, **kwargs: Any) -> LandmarkSession:
         """A :class:`LandmarkSession` with the model's retrieval options, replaced by the ones given to this module
