@@ -96,6 +96,10 @@ def _make_cli(args: list[str] | None) -> Any:
 
         before_fit = before_validate = before_test = before_predict = _resolve_last
 
+    # XLAStrategy forks its workers and pickles the Trainer, whose SaveConfigCallback holds the parser that names this
+    # class: make it reachable as lit_longctx.cli.LongCtxCLI (a local class cannot be pickled)
+    LongCtxCLI.__qualname__ = "LongCtxCLI"
+    globals()["LongCtxCLI"] = LongCtxCLI
     return LongCtxCLI(
         CausalLM,
         LongCtxDataModule,

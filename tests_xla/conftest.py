@@ -23,3 +23,25 @@ def xla_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     asks for a TPU, so without this patch nothing XLA would run on a CPU-only machine; lit-longctx itself never
     patches Lightning."""
     patch_xla_accelerator(monkeypatch.setattr)
+
+
+@pytest.fixture
+def build_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TESTS ONLY: Lightning's single-device XLA strategy builds the model directly on the XLA device, whose random
+    generator differs from the CPU's; building it on the CPU (it is then moved) gives the XLA run the same initial
+    weights as the eager oracle run, so their losses can be compared step by step."""
+    import contextlib
+
+    from lightning.pytorch.strategies import SingleDeviceXLAStrategy
+
+    monkeypatch.setattr(SingleDeviceXLAStrategy, "tensor_init_context",
+                        lambda self, empty_init=None: contextlib.nullcontext())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # start the XLA runtime before any eager CPU backward: torch's autograd engine sizes its per-device queues at
+    # its first backward and cannot serve an XLA device registered after that (an internal assert)
+    import torch
+    import torch_xla
+
+    torch.zeros(1, device=torch_xla.device())

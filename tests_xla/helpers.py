@@ -19,12 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def patch_xla_accelerator(setattr_: Callable[..., Any]) -> None:
     """TESTS ONLY: Lightning's ``XLAAccelerator`` reports itself available only on a TPU; make it accept XLA:CPU
-    (``PJRT_DEVICE=CPU``) with the runtime's device count. ``setattr_`` is ``monkeypatch.setattr`` or ``setattr``."""
-    import torch_xla.runtime as xr
+    (``PJRT_DEVICE=CPU``) with ``CPU_NUM_DEVICES`` devices (read from the environment: asking the runtime would start
+    it, and ``xmp.spawn`` refuses a started runtime). ``setattr_`` is ``monkeypatch.setattr`` or ``setattr``."""
     from lightning.fabric.accelerators import xla as fabric_xla
 
+    count = staticmethod(lambda: int(os.environ.get("CPU_NUM_DEVICES", "1")))
     setattr_(fabric_xla.XLAAccelerator, "is_available", staticmethod(lambda: True))
-    setattr_(fabric_xla.XLAAccelerator, "auto_device_count", staticmethod(lambda: max(1, xr.addressable_device_count())))
+    setattr_(fabric_xla.XLAAccelerator, "auto_device_count", count)
 
 
 def xla_counters() -> dict[str, float]:
