@@ -17,6 +17,6 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # the torch pin keeps pip from replacing the torch that torch_xla was built against.
 "${PIP[@]}" "torch==2.9.0" "lightning>=2.4" "torchmetrics>=1.3" "transformers>=4.45" "tokenizers>=0.19" \
   "safetensors>=0.4" "sentencepiece>=0.2" "datasets>=2.19" "jsonargparse[signatures]>=4.27" "huggingface_hub>=0.24" \
-  numpy "matplotlib>=3.7" tqdm "pytest>=8" "pytest-timeout>=2"
+  numpy "matplotlib>=3.7" tqdm "peft>=0.10" "pytest>=8" "pytest-timeout>=2"
 "$VENV/bin/python" -c "import torch, torch_xla, lightning; assert torch.__version__.startswith('2.9.0'), torch.__version__"
 touch "$STAMP"
