@@ -86,3 +86,16 @@ def run_subprocess(args: list[str], env: dict[str, str] | None = None, timeout: 
                 "PJRT_DEVICE": "CPU", **(env or {})}
     return subprocess.run([sys.executable, "-m", "tests_xla.xla_cli", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class ShardRecorder(L.Callback):
+    """Writes ``{name: [numel, [elements on each device]]}`` for every parameter at the end of training."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lit_longctx.modules.xla import local_shard_numels
+
+        shards = {n: [p.numel(), local_shard_numels(p)] for n, p in pl_module.named_parameters()}
+        Path(self.out).write_text(json.dumps(shards))

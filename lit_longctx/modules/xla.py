@@ -17,6 +17,7 @@ FSDPv1), hence this file. :func:`tpu_peak_flops` adds the TPU generations Lightn
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -111,6 +112,10 @@ class XLAFSDPv2Strategy(SingleDeviceXLAStrategy):
         self._mesh_shape = tuple(mesh_shape) if mesh_shape is not None else None
         self._mesh: Any = None
 
+    def tensor_init_context(self, empty_init: bool | None = None) -> contextlib.AbstractContextManager:
+        """Build the model on the host: it is sharded as it moves to the devices, so no device ever holds all of it."""
+        return contextlib.nullcontext()
+
     @property
     def mesh(self) -> Any:
         """The ``torch_xla.distributed.spmd.Mesh`` with axes (fsdp, model), built on first use."""
@@ -168,10 +173,7 @@ class XLAFSDPv2Strategy(SingleDeviceXLAStrategy):
 
 
 def local_shard_numels(tensor: torch.Tensor) -> list[int]:
-    """Elements held by each device for an SPMD tensor (one entry per device; a replicated tensor: numel each)."""
+    """Elements each addressable device holds of an SPMD tensor (a replicated tensor: the full numel on each)."""
     import torch_xla
 
-    shards = torch_xla._XLAC._get_local_shards([tensor])[0]
-    return [int(s.numel()) for s, _ in shards] if shards and isinstance(shards[0], tuple) else [
-        int(s.numel()) for s in shards
-    ]
+    return [int(shard.numel()) for shard, _ in torch_xla._XLAC._get_local_shards([tensor])[0]]
