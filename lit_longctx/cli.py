@@ -96,6 +96,11 @@ def _make_cli(args: list[str] | None) -> Any:
 
         before_fit = before_validate = before_test = before_predict = _resolve_last
 
+        def before_instantiate_classes(self) -> None:
+            from lit_longctx.modules.xla import check_xla_requested
+
+            check_xla_requested(self.config.get(self.subcommand, self.config).get("trainer"))
+
     # XLAStrategy forks its workers and pickles the Trainer, whose SaveConfigCallback holds the parser that names this
     # class: make it reachable as lit_longctx.cli.LongCtxCLI (a local class cannot be pickled)
     LongCtxCLI.__qualname__ = "LongCtxCLI"

@@ -80,7 +80,9 @@ def run_cli(args: list[str]) -> None:
     main(args)
 
 
-def run_subprocess(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_subprocess(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``python -m tests_xla.xla_cli ARGS`` (the CLI with the test-only accelerator patch) with this checkout first."""
     full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "PJRT_DEVICE": "CPU", **(env or {})}

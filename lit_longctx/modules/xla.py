@@ -45,6 +45,40 @@ def require_torch_xla() -> None:
         raise ConfigError(f"{INSTALL_HINT} ({e})") from None
 
 
+def _names_xla(value: Any) -> bool:
+    name = value.get("class_path", "") if hasattr(value, "get") and not isinstance(value, str) else value
+    name = name if isinstance(name, str) else type(name).__name__
+    return any(key in name.lower() for key in ("xla", "tpu"))
+
+
+def check_xla_requested(trainer_config: Any) -> None:
+    """Called by the CLI before the Trainer is built: a TPU/XLA accelerator or strategy without torch_xla installed
+    is one ``error:`` line with the install command (Lightning's own message is a traceback)."""
+    if trainer_config is None:
+        return
+    if any(_names_xla(trainer_config.get(key)) for key in ("strategy", "accelerator") if trainer_config.get(key)):
+        require_torch_xla()
+
+
+#: distinct batch shapes after which an XLA run warns that it recompiles (a context schedule has a few stages)
+MAX_STATIC_SHAPES = 3
+
+
+def check_static_shape(module: Any, batch: dict[str, Any]) -> None:
+    """Warn (once) when an XLA run has seen more than ``MAX_STATIC_SHAPES`` distinct batch shapes: each new shape
+    compiles a new graph, so shapes that change every step (dynamic padding) recompile every step."""
+    shapes = module.__dict__.setdefault("_xla_batch_shapes", set())
+    shapes.add(tuple(batch["input_ids"].shape))
+    if len(shapes) == MAX_STATIC_SHAPES + 1:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"XLA: {len(shapes)} distinct batch shapes so far ({sorted(shapes)}); every new shape compiles a new "
+            "graph, so a run whose shapes change per step recompiles every step. Pad every batch to a fixed "
+            "data.seq_len (and keep data.batch_size fixed; set drop_last for the final partial batch)"
+        )
+
+
 def tpu_peak_flops(accelerator_type: str | None = None) -> float | None:
     """Peak FLOP/s of one TPU chip from its type (``v4``, ``v5litepod-8``, ``v5p-128``, ``v6e-8``, ...).
 
