@@ -61,6 +61,10 @@ class StepRecorder(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(loss.detach())
         on_xla = trainer.strategy.root_device.type == "xla"
+        if on_xla:  # executions are asynchronous and counted when they finish: wait (no transfer) before reading
+            import torch_xla.core.xla_model as xm
+
+            xm.wait_device_ops()
         self.steps.append(xla_counters() if on_xla else {})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
