@@ -66,19 +66,22 @@ def run(method: str, device: str, steps: int, root: Path, extra: list[str]) -> l
     root.mkdir(parents=True, exist_ok=True)
     out = root / "timer.json"
     over = root / "over.yaml"
+    keep = device == "cpu" and method == "lolcats_distill"  # stage 2 starts from this run's checkpoint
+    ckpt = (f"    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+            f"      init_args: {{dirpath: {root}/checkpoints, save_last: true}}\n") if keep else ""
     over.write_text(f"""trainer:
   max_steps: {steps}
   limit_val_batches: 0
   num_sanity_val_steps: 0
   logger: false
-  enable_checkpointing: {str(device == "cpu" and method == "lolcats_distill").lower()}
+  enable_checkpointing: {str(keep).lower()}
   enable_progress_bar: false
   enable_model_summary: false
   default_root_dir: {root}
   callbacks:
     - class_path: __main__.StepTimer
       init_args: {{out: {out}}}
-""")
+{ckpt}""")
     accel = ["--trainer.accelerator=tpu", "--trainer.devices=1"] if device == "xla" else ["--trainer.accelerator=cpu"]
     main(["fit", *METHODS[method], "--config", str(over), _cache_arg(method, root.parent / "cache"), *accel, *extra])
     return json.loads(out.read_text())
