@@ -36,6 +36,14 @@ from lightning.pytorch.strategies import SingleDeviceXLAStrategy  # noqa: E402
 from tests_xla.helpers import patch_xla_accelerator  # noqa: E402
 from tests_xla.test_methods import METHODS, _cache_arg  # noqa: E402
 
+NOTE = (
+    'Two graphs per method: the first step (AdamW state being created) and the steady step; the first method run '
+    "(causal) also compiles two small setup graphs that later runs of the same process find in torch_xla's cache. "
+    'XLA:CPU is 2-3x slower than eager at these ~30k-parameter shapes (per-graph dispatch and host-side tracing of '
+    'every step dominate tiny matmuls). Lightning turns logged tensors into Python numbers at each log step (a '
+    "device-to-host copy after the step's graph ran, not a split of the step); raise `log_every_n_steps` on TPUs."
+)
+
 
 class StepTimer(L.Callback):
     """Wall time of each training step (XLA: until the device finished it), and compile counters after it."""
@@ -146,6 +154,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {r['eager_ms']:.1f} | {r['xla_ms']:.1f} | {r['first_ms']:.0f} | "
                      f"{r['graphs']} | {r['compile_s']:.2f} | {r['late']} | {r['exec_per_step']:.1f} |")
+    lines += ["", NOTE]
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
