@@ -37,11 +37,12 @@ from tests_xla.helpers import patch_xla_accelerator  # noqa: E402
 from tests_xla.test_methods import METHODS, _cache_arg  # noqa: E402
 
 NOTE = (
-    'Two graphs per method: the first step (AdamW state being created) and the steady step; the first method run '
-    "(causal) also compiles two small setup graphs that later runs of the same process find in torch_xla's cache. "
-    'XLA:CPU is 2-3x slower than eager at these ~30k-parameter shapes (per-graph dispatch and host-side tracing of '
-    'every step dominate tiny matmuls). Lightning turns logged tensors into Python numbers at each log step (a '
-    "device-to-host copy after the step's graph ran, not a split of the step); raise `log_every_n_steps` on TPUs."
+    "Two graphs per method: the first step (AdamW state being created) and the steady step; the first method run "
+    "(causal) compiles two more, which the later runs of the same process find in torch_xla's graph cache. "
+    "XLA:CPU is 2-3x slower than eager at these ~30k-parameter shapes (presumably per-graph dispatch and the "
+    "host-side tracing of every step, next to tiny matmuls). Lightning turns logged tensors into Python numbers at "
+    "each log step (a device-to-host copy after the step's graph ran, not a split of the step); raise "
+    "`log_every_n_steps` on TPUs."
 )
 
 
