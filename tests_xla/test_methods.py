@@ -88,3 +88,35 @@ def test_xla_step_matches_eager_and_compiles_once(method, tmp_path, request, xla
         assert after["compiles"] == before["compiles"], f"{method}: a step after warm-up recompiled: {steps}"
         assert after["executions"] - before["executions"] == 1, f"{method}: the step ran as several graphs: {steps}"
     print(f"\n{method}: losses eager {eager['losses']} xla {xla['losses']}; xla counters {steps}")
+
+
+
+def _xla_subprocess_fit(root: Path, precision: str) -> dict:
+    from tests_xla.helpers import run_subprocess
+
+    root.mkdir(parents=True)
+    out = root / "record.json"
+    proc = run_subprocess(["fit", *METHODS["causal"], "--config", str(_overrides(root, out)),
+                           _cache_arg("causal", root / "cache"), "--trainer.accelerator=tpu", "--trainer.devices=1",
+                           f"--trainer.precision={precision}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bf16_true_under_xla_trains_in_bfloat16_close_to_fp32(tmp_path):
+    """``precision: bf16-true`` (the TPU strategy configs' setting) through Lightning's XLA precision plugin, which
+    sets ``XLA_USE_BF16`` and so must run before the XLA runtime starts: a fresh process, against an fp32 XLA run of
+    the same seed (the same initial weights: both are built on the XLA device)."""
+    import torch
+
+    fp32 = _xla_subprocess_fit(tmp_path / "fp32", "32-true")
+    bf16 = _xla_subprocess_fit(tmp_path / "bf16", "bf16-true")
+
+    def representable(x: float) -> bool:
+        return torch.tensor(x).bfloat16().float().item() == x
+
+    # the losses are bfloat16 numbers (the model ran in bf16), within bf16's resolution of the fp32 losses
+    assert all(representable(x) for x in bf16["losses"]) and not all(representable(x) for x in fp32["losses"])
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-2)
+    assert bf16["steps"][-1]["compiles"] == bf16["steps"][WARMUP_STEPS - 1]["compiles"]
