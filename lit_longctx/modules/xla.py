@@ -134,8 +134,6 @@ class XLAFSDPv2Strategy(SingleDeviceXLAStrategy):
         debug: set ``PT_XLA_DEBUG`` (torch_xla's compilation/execution reports).
     """
 
-    strategy_name = "xla_fsdp"
-
     def __init__(self, mesh_shape: tuple[int, int] | None = None, debug: bool = False, **kwargs: Any) -> None:
         require_torch_xla()
         import torch_xla.runtime as xr
@@ -184,7 +182,10 @@ class XLAFSDPv2Strategy(SingleDeviceXLAStrategy):
                 xs.apply_backward_optimization_barrier(module)
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        """Upload each CPU tensor of the batch straight into its batch-dimension shards (no replicated copy)."""
+        """Upload each CPU tensor of the batch and annotate it as split along its rows (dim 0) over ``fsdp``.
+
+        (Lightning's ``MpDeviceLoader`` wrapping, which overlaps the upload with the step, belongs to its multi-process
+        ``XLAStrategy``; this single SPMD process uploads each batch as the step starts.)"""
         import torch_xla.distributed.spmd as xs
         from lightning.fabric.utilities.apply_func import apply_to_collection
 
