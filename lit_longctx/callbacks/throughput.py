@@ -306,6 +306,10 @@ class ThroughputCallback(Callback):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        elif device.type == "xla":  # XLA executes asynchronously too: time the step, not its dispatch
+            import torch_xla.core.xla_model as xm
+
+            xm.wait_device_ops()
 
     def _formula_flops(self, trainer: Trainer, pl_module: LightningModule, rows: int, seq_len: int) -> float:
         key = (rows, seq_len)
