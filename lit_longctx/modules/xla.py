@@ -89,8 +89,11 @@ def tpu_peak_flops(accelerator_type: str | None = None) -> float | None:
         accelerator_type = os.environ.get("TYPE") or os.environ.get("ACCELERATOR_TYPE")
         if accelerator_type is None:
             try:
+                import torch_xla.runtime as xr
                 from torch_xla._internal import tpu
 
+                if xr.device_type() != "TPU":  # e.g. PJRT_DEVICE=CPU: no TPU metadata to ask for
+                    return None
                 env = tpu.get_tpu_env()
                 accelerator_type = env.get("TYPE") or env.get("ACCELERATOR_TYPE")
             except Exception:  # not on a TPU VM (no metadata server): no peak to report
