@@ -163,6 +163,15 @@ def _make_cli(args: list[str] | None) -> Any:
             install_progress(trainer)  # step/stage/tokens-per-second bar, training FLOPs in the model summary
             return trainer
 
+        def before_instantiate_classes(self) -> None:
+            from lit_longctx.modules.xla import check_xla_requested
+
+            check_xla_requested(self.config.get(self.subcommand, self.config).get("trainer"))
+
+    # XLAStrategy forks its workers and pickles the Trainer, whose SaveConfigCallback holds the parser that names this
+    # class: make it reachable as lit_longctx.cli.LongCtxCLI (a local class cannot be pickled)
+    LongCtxCLI.__qualname__ = "LongCtxCLI"
+    globals()["LongCtxCLI"] = LongCtxCLI
     return LongCtxCLI(
         CausalLM,
         LongCtxDataModule,

@@ -124,8 +124,13 @@ class ThroughputCallback(Callback):
             self.available_flops, self._peak_source = self.peak_flops, "peak_flops argument"
         else:
             device, dtype = trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin)
-            self.available_flops = get_available_flops(device, dtype)
-            self._peak_source = f"lightning get_available_flops({device.type}, {dtype})"
+            if device.type == "xla":  # Lightning's TPU table plus v5p / v6e (lit_longctx.modules.xla)
+                from lit_longctx.modules.xla import tpu_peak_flops
+
+                self.available_flops, self._peak_source = tpu_peak_flops(), "TPU table (lit_longctx.modules.xla)"
+            else:
+                self.available_flops = get_available_flops(device, dtype)
+                self._peak_source = f"lightning get_available_flops({device.type}, {dtype})"
         self._throughput = Throughput(
             available_flops=self.available_flops, world_size=trainer.world_size, window_size=self.window_size
         )
@@ -301,6 +306,10 @@ class ThroughputCallback(Callback):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        elif device.type == "xla":  # XLA executes asynchronously too: time the step, not its dispatch
+            import torch_xla.core.xla_model as xm
+
+            xm.wait_device_ops()
 
     def _formula_flops(self, trainer: Trainer, pl_module: LightningModule, rows: int, seq_len: int) -> float:
         key = (rows, seq_len)

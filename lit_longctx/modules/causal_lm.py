@@ -386,6 +386,10 @@ class CausalLM(L.LightningModule):
         if self.flops_per_batch is None:
             b, t = batch["input_ids"].shape
             self.flops_per_batch = self.model_flops_per_batch(b, t)
+        if batch["input_ids"].device.type == "xla":
+            from lit_longctx.modules.xla import check_static_shape
+
+            check_static_shape(self, batch)
         loss, logs = self.compute_loss(batch, "train")
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)

@@ -118,12 +118,13 @@ class ModelOutput:
 def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Document index per token for packed rows: a new document starts wherever positions do not increase by one.
 
-    Returns None (no masking needed) when every row is one contiguous run of positions.
+    Returns None (no masking needed) when every row is one contiguous run of positions. On XLA the ids are always
+    returned: testing for restarts is a host sync that would split the compiled step (the mask gives the same result).
     """
     if position_ids.shape[1] < 2:
         return None
     starts = torch.diff(position_ids, dim=1) != 1
-    if not bool(starts.any()):
+    if position_ids.device.type != "xla" and not bool(starts.any()):
         return None
     return torch.nn.functional.pad(starts.long().cumsum(1), (1, 0))
 
@@ -194,7 +195,9 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- forward
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.device.type == "meta":  # FLOP counting on the meta device: there are no values to check
+        # meta (FLOP counting): no values; XLA: reading values is a host sync that splits the compiled step (the data
+        # module's max_token_id is checked against vocab_size in CausalLM.setup instead)
+        if input_ids.device.type in ("meta", "xla"):
             return
         vocab = self.config.vocab_size
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

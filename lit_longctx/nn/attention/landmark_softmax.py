@@ -154,7 +154,7 @@ def _query_tiles(
         nk = k_lands[j].shape[2]
         s_reg = torch.matmul(q, k_regs[j].transpose(-1, -2)).view(b, h, nq, nk, reg)  # (B, H, Q, Nk, Bk-1)
         reg_valid = tiles_valid[:, n0 : n0 + nk, :reg]
-        if not bool(reg_valid.all()):  # only tiles holding padding need the mask
+        if q.device.type == "xla" or not bool(reg_valid.all()):  # only tiles with padding need it (XLA: no sync)
             s_reg = s_reg.masked_fill(~reg_valid.view(b, 1, 1, nk, reg), float("-inf"))
         peak = s_reg.amax(-1, keepdim=True).detach()
         peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
@@ -209,7 +209,8 @@ def blockwise_landmark_attention(
     reg = block - 1
 
     lpad = (block - 1 - offsets).to(q.device)  # (B,)
-    n_tiles = math.ceil((int(lpad.max()) + t) / block)
+    # XLA: the bound lpad <= Bk - 1 instead of a host sync (at most one more all-padding tile, masked)
+    n_tiles = math.ceil(((block - 1 if q.device.type == "xla" else int(lpad.max())) + t) / block)
     tp = n_tiles * block
     src = torch.arange(tp, device=q.device).unsqueeze(0) - lpad.unsqueeze(1)  # (B, Tp) source index per slot
     valid = (src >= 0) & (src < t)
@@ -231,6 +232,11 @@ def blockwise_landmark_attention(
         used = -(-(m0 + kd.shape[2] - 1) // kn)  # key steps holding a tile earlier than the chunk's last tile
         steps = (*k_regs[:used], *v_regs[:used], *k_lands[:used])
         fn = functools.partial(_query_tiles, tiles_valid=tiles_valid, m0=m0, k_tile_blocks=kn)
+        if grad and q.device.type == "xla":  # torch's checkpoint has no XLA device module; torch_xla's keeps the
+            from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint  # recompute (optimization barrier)
+
+            outs.append(xla_checkpoint(fn, qc, kd, vd, *steps))
+            continue
         outs.append(checkpoint(fn, qc, kd, vd, *steps, use_reentrant=False) if grad else fn(qc, kd, vd, *steps))
     y = torch.cat(outs, dim=2)  # (B, H, Tp, D)
     back = (torch.arange(t, device=q.device).unsqueeze(0) + lpad.unsqueeze(1)).view(b, 1, t, 1).expand(b, h, t, d)

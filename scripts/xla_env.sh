@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create (idempotently) a separate venv for the XLA:CPU tests: torch 2.9.0 + torch_xla 2.9.0 + lightning + the
+# project's pure-Python deps + pytest. Kept apart from the main venv because torch_xla 2.9 needs exactly torch 2.9.0.
+# Usage: scripts/xla_env.sh [VENV_DIR]   (default: .venv-xla in the repo root)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-${XLA_VENV:-$ROOT/.venv-xla}}"
+STAMP="$VENV/.lit-longctx-xla-ready"
+# The project's runtime deps (not the project itself: tests put the checkout on PYTHONPATH) and the test tools;
+# the torch pin keeps pip from replacing the torch that torch_xla was built against.
+REQS=("torch==2.9.0" "lightning>=2.4" "torchmetrics>=1.3" "transformers>=4.45" "tokenizers>=0.19" "safetensors>=0.4"
+  "sentencepiece>=0.2" "datasets>=2.19" "jsonargparse[signatures]>=4.27" "huggingface_hub>=0.24" numpy
+  "matplotlib>=3.7" tqdm "peft>=0.10" "pytest>=8" "pytest-timeout>=2")
+# the stamp records what was installed, so a changed list reinstalls
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "${REQS[*]}" ]] && "$VENV/bin/python" -c "import torch_xla" 2>/dev/null; then
+  exit 0
+fi
+PY="${PYTHON:-python3}"
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+pip_install() {  # quiet: pip's notes about this machine's local indexes are noise in CI logs
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  return "${PIPESTATUS[0]}"
+}
+pip_install "torch==2.9.0" "torch_xla==2.9.0"
+pip_install "${REQS[@]}"
+"$VENV/bin/python" -c "import torch, torch_xla, lightning; assert torch.__version__.startswith('2.9.0'), torch.__version__"
+echo "${REQS[*]}" > "$STAMP"
