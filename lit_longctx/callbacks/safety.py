@@ -70,7 +70,9 @@ class NonFiniteGuard(L.Callback):
 
     The check runs before the optimizer step, so the weights are still those of the last finite step. The gradient
     norm costs one fused norm over the gradients per optimizer step; it is skipped under fp16 loss scaling (the
-    scaler skips overflowing steps itself).
+    scaler skips overflowing steps itself). On XLA devices reading the flag before the optimizer step would split the
+    compiled step in two, so there the flag is computed in the graph and read after the step: training stops at the
+    first non-finite step (``skip`` is not available), and :meth:`on_save_checkpoint` still refuses non-finite weights.
 
     Args:
         action: ``stop`` ends training with one error line naming the step; ``skip`` drops that step's update (the
@@ -89,6 +91,7 @@ class NonFiniteGuard(L.Callback):
         self.skipped_steps = 0
         self._consecutive = 0
         self._losses: list[torch.Tensor] = []
+        self._deferred: tuple[torch.Tensor, int] | None = None  # XLA: (finite flag, step), read after the step
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         # kept as tensors (gradient accumulation: every micro-batch of the step); read once per optimizer step
@@ -102,6 +105,9 @@ class NonFiniteGuard(L.Callback):
             norm = torch.nn.utils.get_total_norm(grads)
             norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).reshape(1).float()  # FSDP2: DTensor
             checks.append(norm.to(checks[0].device) if checks else norm)
+        if checks and checks[0].device.type == "xla":
+            self._deferred = (torch.isfinite(torch.cat(checks)).all(), trainer.global_step + 1)
+            return
         what = None
         if checks and not torch.isfinite(torch.cat(checks)).all().item():  # the one host sync of the step
             bad_loss = [float(v) for v in losses if not math.isfinite(float(v))]
@@ -130,6 +136,20 @@ class NonFiniteGuard(L.Callback):
             "checkpoint holds non-finite values: lower model.init_args.learning_rate (or enable gradient clipping, "
             "--trainer.gradient_clip_val=1.0), or skip such steps with a NonFiniteGuard callback (action: skip)"
         )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._deferred is None:
+            return
+        (finite, step), self._deferred = self._deferred, None
+        bad = not bool(finite.item())  # after the compiled step has run: no graph break
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteError(
+                f"training stopped at step {step}: a non-finite loss or gradient norm (on XLA the check runs after the "
+                "optimizer step, so no checkpoint of this step is written); lower model.init_args.learning_rate or "
+                "enable gradient clipping (--trainer.gradient_clip_val=1.0)"
+            )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         bad = [k for k, v in checkpoint.get("state_dict", {}).items() if isinstance(v, torch.Tensor)
