@@ -51,7 +51,7 @@ def mc_task(directory: Path, n: int = 40) -> Path:
     rng = random.Random(0)
     words = ["statement", "function", "module", "object", "class", "method", "string", "number", "list", "file"]
     docs = []
-    for i in range(n):
+    for _ in range(n):
         right = rng.choice(words)
         wrong = rng.sample([w for w in words if w != right], 3)
         choices = [right, *wrong]

@@ -264,3 +264,22 @@ def load_model(
     load_weights(model, loaded.state_dict, source=loaded.source)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model, loaded.tokenizer(), loaded
+
+
+def load_for_inference(
+    path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None
+) -> tuple[Transformer, Tokenizer, LoadedCheckpoint, str]:
+    """(model, tokenizer, checkpoint, device) for text in, text out (``generate``, ``serve``, ``evaluate``).
+
+    ``device`` ``auto`` is CUDA when available, else CPU; ``dtype`` defaults to bfloat16 on CUDA, float32 on CPU. A
+    checkpoint without a tokenizer is refused (text cannot be encoded).
+    """
+    from lit_longctx.nn.config import parse_dtype
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    model, tokenizer, loaded = load_model(path, device=device, dtype=torch_dtype)
+    if tokenizer is None:
+        raise CheckpointError(f"{str(path)!r} carries no tokenizer, so text cannot be encoded or decoded")
+    return model, tokenizer, loaded, device

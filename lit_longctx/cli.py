@@ -281,8 +281,7 @@ def generate_text(
     """
     import torch
 
-    from lit_longctx.checkpoint import load_model
-    from lit_longctx.nn.config import parse_dtype
+    from lit_longctx.checkpoint import load_for_inference
     from lit_longctx.nn.generate import generate
 
     if prompts is not None:
@@ -294,14 +293,7 @@ def generate_text(
         texts_in = [prompt_file.read_text()]
     else:
         texts_in = [prompt]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model, tokenizer, _ = load_model(checkpoint, device=device, dtype=torch_dtype)
-    if tokenizer is None:
-        from lit_longctx.hf import CheckpointError
-
-        raise CheckpointError(f"{checkpoint!r} carries no tokenizer, so text prompts cannot be encoded")
+    model, tokenizer, _, device = load_for_inference(checkpoint, device, dtype)
     ids = [tokenizer.encode(text, bos=tokenizer.bos_id is not None) for text in texts_in]
     generator = torch.Generator(device=device).manual_seed(seed)
     stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []

@@ -92,10 +92,8 @@ def evaluate(
     """
     import torch
 
-    from lit_longctx.checkpoint import load_model
-    from lit_longctx.hf import CheckpointError
+    from lit_longctx.checkpoint import load_for_inference
     from lit_longctx.io import atomic_write_text, check_writable
-    from lit_longctx.nn.config import parse_dtype
 
     task_manager_cls = _harness()
     names = _task_list(tasks)
@@ -110,12 +108,7 @@ def evaluate(
     check_tasks(names, task_manager)
     out_dir = check_writable(output_path or default_output_dir(checkpoint), "evaluation output directory")
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model, tokenizer, _ = load_model(checkpoint, device=device, dtype=torch_dtype)
-    if tokenizer is None:
-        raise CheckpointError(f"{checkpoint!r} carries no tokenizer, so the harness's text requests cannot be encoded")
+    model, tokenizer, _, device = load_for_inference(checkpoint, device, dtype)
 
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable, make_table

@@ -58,11 +58,8 @@ def build_server(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, 
                  max_concurrent: int = 16, request_timeout: float = 600.0,
                  session: dict[str, Any] | None = None) -> Any:
     """Check the options, load the checkpoint and return the FastAPI app (what :func:`serve` runs)."""
-    import torch
 
-    from lit_longctx.checkpoint import load_model
-    from lit_longctx.hf import CheckpointError
-    from lit_longctx.nn.config import parse_dtype
+    from lit_longctx.checkpoint import load_for_inference
     from lit_longctx.serve.app import Limits, build_app
     from lit_longctx.serve.engine import Engine, read_chat_template
 
@@ -76,12 +73,7 @@ def build_server(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, 
         raise ValueError(f"--max_prompt_tokens={max_prompt_tokens} must be >= 0 (0 = unbounded)")
     if not 0 <= port < 65536:
         raise ValueError(f"--port={port} is not a TCP port (0-65535)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model, tokenizer, loaded = load_model(checkpoint, device=device, dtype=torch_dtype)
-    if tokenizer is None:
-        raise CheckpointError(f"{checkpoint!r} carries no tokenizer, so text prompts cannot be encoded")
+    model, tokenizer, loaded, device = load_for_inference(checkpoint, device, dtype)
     engine = Engine(model, tokenizer, name=name or Path(checkpoint).name or str(checkpoint), method=loaded.method,
                     max_prompt_tokens=max_prompt_tokens, session_kwargs=session,
                     chat_template=read_chat_template(loaded))
