@@ -1,9 +1,10 @@
 """The HTTP side of ``lit-longctx serve`` (FastAPI + uvicorn): endpoints, limits, streaming, cancellation.
 
 Requests that use the model are admitted up to ``max_concurrent`` (beyond: 429) and queue for the single model
-worker (:mod:`lit_longctx.serve.engine`); each has ``request_timeout`` seconds from admission (beyond: 504, and its
-work is cancelled). A client that closes its connection cancels its request: the worker stops at the next forward
-and drops the session. Bodies above ``max_body_bytes`` get 413 before they are read in full.
+worker (:mod:`lit_longctx.serve.engine`, which decodes queued single-sample generations together as padded
+batches); each has ``request_timeout`` seconds from admission (beyond: 504, and its work is cancelled). A client
+that closes its connection cancels its request: the worker stops at the next forward (a batched row: at its next
+token) and drops the session. Bodies above ``max_body_bytes`` get 413 before they are read in full.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lit_longctx.serve.engine import Cancelled, Engine, SampleParams
+from lit_longctx.serve.engine import Cancelled, Engine, Job, SampleParams
 from lit_longctx.serve.schemas import (
     ApiError,
     ChatRequest,
@@ -164,9 +165,10 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
 
         return release
 
-    def submit(cancel: threading.Event, work: Callable[[threading.Event], Any]) -> asyncio.Future:
+    def submit(job: Job) -> asyncio.Future:
         release = admit()
-        future = asyncio.get_running_loop().run_in_executor(worker, engine.run, cancel, work)
+        future = asyncio.wrap_future(engine.enqueue(job))
+        worker.submit(engine.drain)  # one worker turn per job; a turn may run several queued jobs as one batch
         future.add_done_callback(release)  # the slot frees when the worker is done with it, not when we answer
         return future
 
@@ -177,9 +179,9 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
                 return
             await asyncio.sleep(0.05)
 
-    async def call(request: Request, work: Callable[[threading.Event], Any]) -> Any:
-        cancel = threading.Event()
-        future = submit(cancel, work)
+    async def call(request: Request, job: Job) -> Any:
+        cancel = job.cancel
+        future = submit(job)
         watcher = asyncio.create_task(watch(request, cancel))
         try:
             return await asyncio.wait_for(asyncio.shield(future), limits.request_timeout)
@@ -192,14 +194,11 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
             cancel.set()
             watcher.cancel()
 
-    def generate_all(ids: list[int], params: SampleParams) -> Callable[[threading.Event], list[list[int]]]:
-        def work(cancel: threading.Event) -> list[list[int]]:
-            out: list[list[int]] = [[] for _ in range(params.num_samples)]
-            for sample, token in engine.stream(ids, params, cancel):
-                out[sample].append(token)
-            return out
-
-        return work
+    async def generate_all(request: Request, ids: list[int], params: SampleParams) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(params.num_samples)]
+        await call(request, Job(threading.Event(), ids=ids, params=params,
+                                emit=lambda sample, token: out[sample].append(token)))
+        return out
 
     def finish_reason(tokens: list[int], params: SampleParams) -> str:
         return "length" if len(tokens) >= params.max_new_tokens else "stop"
@@ -214,11 +213,10 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
-        def work(cancel: threading.Event) -> None:
-            for sample, token in engine.stream(ids, params, cancel):
-                loop.call_soon_threadsafe(queue.put_nowait, (sample, token))
+        def emit(sample: int, token: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (sample, token))
 
-        future = submit(cancel, work)
+        future = submit(Job(cancel, ids=ids, params=params, emit=emit))
         future.add_done_callback(lambda f: queue.put_nowait(f))
 
         async def events() -> AsyncIterator[str]:
@@ -262,7 +260,7 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.name, "method": engine.method, "session": engine.session_name,
                 "max_prompt_tokens": engine.max_prompt_tokens, "admitted": admitted["n"],
-                "max_concurrent": limits.max_concurrent, "stats": engine.stats.to_dict()}
+                "max_concurrent": limits.max_concurrent, "max_batch": engine.max_batch, "stats": engine.stats.to_dict()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -278,7 +276,7 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
         params = SampleParams(body.max_new_tokens, body.temperature, body.top_k, body.top_p,
                               samples(body.num_samples, "num_samples"), body.seed)
         ids = prompt_ids(body.prompt, body.max_new_tokens, "prompt", "max_new_tokens")
-        out = await call(request, generate_all(ids, params))
+        out = await generate_all(request, ids, params)
         return {"model": engine.name, "prompt_tokens": len(ids),
                 "completions": [{"text": engine.tokenizer.decode(t), "token_ids": t,
                                  "finish_reason": finish_reason(t, params)} for t in out]}
@@ -287,7 +285,7 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
     async def embeddings(request: Request) -> dict[str, Any]:
         body: EmbeddingRequest = await read(request, EmbeddingRequest)
         ids = prompt_ids(body.prompt, 0, "prompt", "max_new_tokens")
-        vector = await call(request, lambda cancel: engine.embed(ids))
+        vector = await call(request, Job(threading.Event(), work=lambda cancel: engine.embed(ids)))
         return {"model": engine.name, "prompt_tokens": len(ids), "dim": len(vector), "pooling": "mean",
                 "normalized": True, "embedding": vector}
 
@@ -325,7 +323,7 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
 
         if body.stream:
             return sse(chunk, ids, params, len(ids))
-        out = await call(request, generate_all(ids, params))
+        out = await generate_all(request, ids, params)
         choices = [{"index": i, "text": engine.tokenizer.decode(t), "logprobs": None,
                     "finish_reason": finish_reason(t, params)} for i, t in enumerate(out)]
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
@@ -351,7 +349,7 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
 
         if body.stream:
             return sse(chunk, ids, params, len(ids))
-        out = await call(request, generate_all(ids, params))
+        out = await generate_all(request, ids, params)
         choices = [{"index": i, "message": {"role": "assistant", "content": engine.tokenizer.decode(t)},
                     "logprobs": None, "finish_reason": finish_reason(t, params)} for i, t in enumerate(out)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,

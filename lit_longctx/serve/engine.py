@@ -1,20 +1,27 @@
 """The model side of ``lit-longctx serve``: one loaded checkpoint, decoded only through its method's session.
 
-Every request runs on one worker thread, one at a time (padded batched inference is not available to the sessions
-yet), so the server queues concurrent requests up to its concurrency limit. Generation is
-``session_for(model, 1).prefill(prompt)`` followed by ``session.step`` per token with
-:func:`lit_longctx.nn.generate.sample_next` -- the same operations, in the same order, as
-:func:`lit_longctx.nn.generate.generate`, so a served greedy completion equals ``generate()`` token for token and
-FoT's memory, landmark retrieval and LoLCATs' constant-size state are what answers a long prompt.
+Requests queue as :class:`Job` s for one worker thread. Each turn the worker takes the oldest job and, when it is a
+single-sample generation, every other queued single-sample generation up to ``max_batch``: their prompts are
+left-padded into one batch, prefilled with an ``attention_mask`` through ONE ``session_for(model, batch_size=B)``
+and decoded with one ``session.step`` per token for the whole batch; each row samples with its own generator and
+feeds its own stream (a row that finished -- EOS, its max tokens, cancelled, timed out -- is stepped along and
+ignored until all rows are done). Each row of a padded batch equals that row run alone (docs/CONTRACTS.md), so a
+served greedy completion equals ``generate()`` token for token, and FoT's memory, landmark retrieval and LoLCATs'
+constant-size state are what answers a long prompt. Multi-sample requests and embeddings run alone, and so do the
+jobs of a batch whose session refuses the padded prefill with a ValueError (LoLCATs terrace decoding, a prompt split
+over prefill chunks): they then run one by one, ``session_for(model, 1).prefill(prompt)`` and ``step``.
 
 Cancellation: a forward pre-hook on the model raises :class:`Cancelled` when the running request's cancel event is
-set (client gone, timeout), so even a long chunked prefill stops at the next chunk and its session is dropped.
+set (client gone, timeout) -- for a batch, when every row's is -- so even a long chunked prefill stops at the next
+chunk and its session is dropped; a single cancelled row of a batch stops at the next token.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ from typing import Any
 import torch
 
 from lit_longctx.nn.generate import DecodingSession, sample_next, session_for
+from lit_longctx.nn.session import left_pad
 
 #: sessions whose state does not need every past token at full attention (FoT: a local window plus memory; landmark:
 #: top-k retrieval of blocks), so their prompts are not bounded by the training length
@@ -57,11 +65,45 @@ class Stats:
     last_session: str | None = None
     last_prompt_tokens: int = 0
     generated_tokens: int = 0
+    batches: int = 0  # padded batches of more than one request run
+    largest_batch: int = 0  # most requests decoded together in one session
+    batched_forwards: int = 0  # forwards (prefill chunks and steps) over a batch of more than one request
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         with self.lock:
             return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+
+@dataclass
+class Job:
+    """One queued request: ``work(cancel)`` run alone, or a generation (``ids``, ``params``, ``emit(sample, token)``
+    per token) that may share a padded batch; ``future`` gets the work's result, or None for a generation."""
+
+    cancel: threading.Event
+    work: Callable[[threading.Event], Any] | None = None
+    ids: list[int] | None = None
+    params: SampleParams | None = None
+    emit: Callable[[int, int], None] | None = None
+    future: Future = field(default_factory=Future)
+
+    @property
+    def batchable(self) -> bool:
+        return self.ids is not None and self.params.num_samples == 1 and self.params.max_new_tokens > 0
+
+
+class _AllCancelled:
+    """The cancel flag of a batch: set once every row's is."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+
+    def is_set(self) -> bool:
+        return all(j.cancel.is_set() for j in self.jobs)
+
+
+class Unbatchable(Exception):
+    """The session refused the padded batch at prefill (its ValueError is the cause); run the rows one by one."""
 
 
 def prompt_limit(model: Any) -> int | None:
@@ -103,6 +145,7 @@ class Engine:
         max_prompt_tokens: prompt limit; None = what the method supports (:func:`prompt_limit`); 0 = unbounded.
         session_kwargs: options for the method's session (e.g. FoT's ``last_context_length``).
         chat_template: a Jinja chat template, or None (chat endpoint answers 400).
+        max_batch: most single-sample generations decoded together in one padded batch (1 = one at a time).
     """
 
     def __init__(
@@ -115,6 +158,7 @@ class Engine:
         max_prompt_tokens: int | None = None,
         session_kwargs: dict[str, Any] | None = None,
         chat_template: str | None = None,
+        max_batch: int = 8,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -126,7 +170,11 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         self.stats = Stats()
-        self._cancel: threading.Event | None = None  # the running request's
+        self.max_batch = max_batch
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self._pending: deque[Job] = deque()
+        self._pending_lock = threading.Lock()
+        self._cancel: threading.Event | _AllCancelled | None = None  # the running request's (or batch's)
         self._capture: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         self._ids: torch.Tensor | None = None
         model.register_forward_pre_hook(self._before_forward)
@@ -140,6 +188,9 @@ class Engine:
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled()
         self._ids = args[0] if args else None
+        if self._ids is not None and self._ids.shape[0] > 1 and isinstance(self._cancel, _AllCancelled):
+            with self.stats.lock:
+                self.stats.batched_forwards += 1
 
     def _after_norm(self, module: Any, args: tuple, output: torch.Tensor) -> None:
         if self._capture is not None and self._ids is not None:
@@ -150,8 +201,8 @@ class Engine:
         """Prompt ids: the text with the tokenizer's BOS first (as ``lit-longctx generate`` does)."""
         return self.tokenizer.encode(text, bos=self.tokenizer.bos_id is not None)
 
-    def new_session(self) -> DecodingSession:
-        session = session_for(self.model, 1, **self.session_kwargs)
+    def new_session(self, batch_size: int = 1) -> DecodingSession:
+        session = session_for(self.model, batch_size, **self.session_kwargs)
         with self.stats.lock:
             self.stats.active_sessions += 1
             self.stats.last_session = type(session).__name__
@@ -187,6 +238,138 @@ class Engine:
             self.stats.completed += 1
         return result
 
+    # ------------------------------------------------------------------------------------------------ the queue
+    def enqueue(self, job: Job) -> Future:
+        """Queue ``job``; the caller then has the worker thread call :meth:`drain` once for it."""
+        if job.work is None:
+            job.work = lambda cancel: self._emit_all(job, self.stream(job.ids, job.params, cancel))
+        with self._pending_lock:
+            self._pending.append(job)
+        return job.future
+
+    def drain(self) -> None:
+        """On the worker thread: run the oldest queued job, batched with queued single-sample generations."""
+        with self._pending_lock:
+            if not self._pending:  # an earlier turn ran this turn's job in its batch
+                return
+            batch, skipped = [self._pending.popleft()], []
+            while batch[0].batchable and self._pending and len(batch) < self.max_batch:
+                job = self._pending.popleft()
+                (batch if job.batchable else skipped).append(job)
+            self._pending.extendleft(reversed(skipped))
+        if len(batch) > 1:
+            try:
+                self._run_batch(batch)
+                return
+            except Unbatchable:  # the session cannot take this padded batch: the same jobs, one at a time
+                pass
+        for job in batch:
+            if not job.future.done():  # not already answered (cancelled while queued)
+                self._run_one(job)
+
+    def _run_one(self, job: Job) -> None:
+        try:
+            job.future.set_result(self.run(job.cancel, job.work))
+        except BaseException as e:  # the future carries it to the waiting request
+            job.future.set_exception(e)
+
+    @staticmethod
+    def _emit_all(job: Job, tokens: Iterator[tuple[int, int]]) -> None:
+        for sample, token in tokens:
+            job.emit(sample, token)
+
+    def _finish(self, job: Job, error: BaseException | None = None) -> None:
+        with self.stats.lock:
+            if error is None:
+                self.stats.completed += 1
+            elif isinstance(error, Cancelled):
+                self.stats.cancelled += 1
+            else:
+                self.stats.failed += 1
+        if error is None:
+            job.future.set_result(None)
+        else:
+            job.future.set_exception(error)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` (single-sample generations) as one left-padded batch; each row samples with its own
+        generator exactly as :meth:`stream` would. Raises :class:`Unbatchable` (no job touched) when the session
+        refuses the padded prefill."""
+        live = []
+        for job in jobs:
+            if job.cancel.is_set():  # cancelled while queued: never touch the model
+                self._finish(job, Cancelled())
+            else:
+                live.append(job)
+        if len(live) <= 1:
+            for job in live:
+                self._run_one(job)
+            return
+        generators = [self._generator(j.params) for j in live]
+        ids, mask = left_pad([j.ids for j in live], self.pad_id, self.device)
+        open_rows = set(range(len(live)))
+        counts = [0] * len(live)
+        session = self.new_session(len(live))
+        self._cancel = _AllCancelled(live)
+        try:
+            with torch.inference_mode():
+                try:
+                    logits = session.prefill(ids, attention_mask=mask)
+                except ValueError as e:
+                    raise Unbatchable() from e
+                with self.stats.lock:
+                    self.stats.batches += 1
+                    self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+                    self.stats.last_prompt_tokens = len(live[-1].ids)
+                while True:
+                    nxt = torch.full((len(live),), self.pad_id, dtype=torch.long, device=self.device)
+                    for row in sorted(open_rows):
+                        job = live[row]
+                        if job.cancel.is_set():
+                            open_rows.discard(row)
+                            self._finish(job, Cancelled())
+                            continue
+                        p = job.params
+                        token = int(sample_next(logits[row : row + 1], p.temperature, p.top_k, p.top_p,
+                                                generators[row])[0])
+                        if token in self.stop_ids:
+                            open_rows.discard(row)
+                            self._finish(job)
+                            continue
+                        nxt[row] = token
+                        with self.stats.lock:
+                            self.stats.generated_tokens += 1
+                        try:
+                            job.emit(0, token)
+                        except Exception as e:  # this request's consumer is gone; the others go on
+                            open_rows.discard(row)
+                            self._finish(job, e)
+                            continue
+                        counts[row] += 1
+                        if counts[row] == p.max_new_tokens:
+                            open_rows.discard(row)
+                            self._finish(job)
+                    if not open_rows:
+                        break
+                    logits = session.step(nxt.unsqueeze(1))  # finished rows are stepped along and ignored
+        except Unbatchable:
+            raise
+        except BaseException as e:  # Cancelled (every row was) or a failure: the rows still open end with it
+            for row in sorted(open_rows):
+                self._finish(live[row], e)
+        finally:
+            self._cancel = None
+            self._free(session)
+            del session
+
+    def _generator(self, params: SampleParams) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        return generator
+
     # ------------------------------------------------------------------------------------------------ generation
     def stream(self, ids: list[int], params: SampleParams, cancel: threading.Event) -> Iterator[tuple[int, int]]:
         """Yield (sample index, token id) for every generated token; samples run one after another.
@@ -194,11 +377,7 @@ class Engine:
         Sample i draws from one ``torch.Generator`` seeded with ``params.seed``, continued across samples (as
         ``lit-longctx generate --num_samples``), so a seed reproduces all samples. Stops at EOS (not yielded).
         """
-        generator = torch.Generator(device=self.device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
+        generator = self._generator(params)
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self.stats.lock:
             self.stats.last_prompt_tokens = len(ids)
