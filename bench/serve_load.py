@@ -60,7 +60,7 @@ def random_model(config: ModelConfig) -> Transformer:
     return model
 
 
-def start_server(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, threads: int, *options: str) -> tuple[subprocess.Popen, str]:
     import socket
 
     with socket.socket() as s:
@@ -68,7 +68,7 @@ def start_server(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "lit_longctx.cli", "serve", "--checkpoint", str(checkpoint),
-                             "--port", str(port)], env=env,
+                             "--port", str(port), *options], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -114,9 +114,10 @@ def load(url: str, clients: int, requests: int, duration: float, prompt: str, ne
         t.join()
     wall = time.perf_counter() - start
     lat = sorted(latencies)
+    stats = httpx.get(url + "/health", timeout=10).json()["stats"]
     return {"clients": clients, "n": len(lat), "wall": wall, "rps": len(lat) / wall,
             "p50": statistics.median(lat), "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "tok_s": tokens[0] / wall}
+            "tok_s": tokens[0] / wall, "batch": max(stats["largest_batch"], 1)}
 
 
 def hf_baseline(model: Transformer, directory: Path, prompt_ids: list[int], new: int, reps: int) -> dict[str, float]:
@@ -166,6 +167,14 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait()
+    proc, url = start_server(causal, args.threads, "--max_batch", "1")  # the same load, one request at a time
+    try:
+        load(url, 1, 2, 60, prompt, new)  # warm-up
+        rows.append({**load(url, 16, args.requests, args.duration, prompt, new), "clients": "16, `--max_batch 1`"})
+        print(rows[-1], file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait()
 
     long_rows = []
     proc, url = start_server(fot, args.threads)
@@ -198,9 +207,11 @@ def main() -> None:
         f"128-token prompts, {new} new tokens, greedy; each level stops after {args.requests} requests or "
         f"{args.duration:.0f} s. The model is the quickstart architecture (dim 256, 4 layers, 4/2 heads, ffn 704) "
         "with random weights and the byte tokenizer (vocabulary 259; every request generates exactly 64 tokens). "
-        "The server runs one request at a time (requests queue up to `--max_concurrent`), so requests/s stays flat "
-        "and latency grows with the queue; batching will come with padded batched inference. One client leaves the "
-        "worker idle while it reads an answer and sends the next request; from 4 clients on the queue keeps it busy.",
+        "The server's worker decodes the requests queued when it is free as one left-padded batch (up to "
+        "`--max_batch`, default 8; requests queue up to `--max_concurrent`); \"largest batch\" is the largest so far "
+        "(`/health` stats, cumulative over the levels). One client leaves the worker idle while it reads an answer "
+        "and sends the next request. The last row is the 16-client level on a second server started with "
+        "`--max_batch 1` (every request alone, as before batching).",
         "",
         f"Command ({datetime.date.today()}):",
         "",
@@ -213,12 +224,13 @@ def main() -> None:
         f"(1-minute load average {load_before:.0f} at the start, {load_after:.0f} at the end, on {os.cpu_count()} "
         "cores), so absolute times are inflated and noisy.",
         "",
-        "| clients | requests | wall (s) | requests/s | p50 latency (s) | p99 latency (s) | generated tokens/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | requests | wall (s) | requests/s | p50 latency (s) | p99 latency (s) | generated tokens/s "
+        "| largest batch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['n']} | {r['wall']:.1f} | {r['rps']:.2f} | {r['p50']:.3f} | "
-                     f"{r['p99']:.3f} | {r['tok_s']:.0f} |")
+                     f"{r['p99']:.3f} | {r['tok_s']:.0f} | {r['batch']} |")
     lines += [
         "",
         f"- Baseline without HTTP: `transformers` `LlamaForCausalLM.generate` (sdpa, greedy) on the same weights "

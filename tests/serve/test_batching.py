@@ -1,0 +1,188 @@
+"""Concurrent requests decoded as one padded batch by a real server on loopback: 16 clients (greedy and seeded
+sampling, streaming and not) get what they would get alone, a row cancelled mid-way leaves the others' answers
+alone, and a session that refuses padded batches (LoLCATs terrace decoding) falls back to one request at a time.
+
+To queue requests deterministically, a streaming 16-sample request holds the worker until every client is admitted
+and is then cancelled by closing its connection.
+
+Oracles: ``generate()`` of each prompt alone on the same weights (seeded samplers: the same seed); the server's
+/health counters (batches run, largest batch, forwards over a batch) against the number of forwards the batch needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from lit_longctx.checkpoint import load_model, save_checkpoint
+from lit_longctx.nn import ModelConfig, generate
+from lit_longctx.tokenizers import ByteTokenizer
+from tests.serve.helpers import BASE, method_checkpoint, random_model, serving_in_thread
+
+
+def wait_until(server, done, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while not done(h := server.health()):
+        assert time.monotonic() < deadline, h
+        time.sleep(0.01)
+    return h
+
+
+@contextlib.contextmanager
+def worker_held(server, prompt: str = "hold"):
+    """Keep the model worker busy with a long streaming request until the block exits, then hang it up."""
+    release = threading.Event()
+
+    def hold() -> None:
+        body = {"prompt": prompt, "max_tokens": 150, "n": 16, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            for _ in r.iter_lines():
+                if release.is_set():
+                    break
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    wait_until(server, lambda h: h["stats"]["active_sessions"] >= 1)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def streamed_ids(response: httpx.Response) -> str:
+    events = [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
+    return "".join(e["choices"][0]["text"] for e in events)
+
+
+def oracle(model, ids: list[int], max_new: int, eos: int, temperature: float = 0.0, seed: int | None = None) -> list:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    kwargs = {"temperature": temperature, "top_k": 20} if temperature else {}
+    return generate(model, ids, max_new, stop_tokens=[eos], generator=generator, **kwargs)[0]
+
+
+def test_16_concurrent_clients_run_as_one_batch_and_equal_generate_alone(hf_dir, reference):
+    model, tok = reference
+    with serving_in_thread(hf_dir, max_batch=16, max_concurrent=17) as server:
+        before = server.health()["stats"]
+        results: dict[int, httpx.Response] = {}
+
+        def request(i: int) -> dict:
+            prompt, max_new = f"client {i}: " + "abcdefghijklmnop"[i:], 8 + 3 * i  # different lengths
+            if i % 4 == 2:
+                return {"path": "/v1/completions", "body": {"prompt": prompt, "max_tokens": max_new, "stream": True,
+                                                            "temperature": 0}}
+            body = {"prompt": prompt, "max_new_tokens": max_new}
+            if i % 4 == 1:  # sampled per row with the request's own seeded generator
+                body.update(temperature=0.8, top_k=20, seed=100 + i)
+            return {"path": "/completions", "body": body}
+
+        def client(i: int) -> None:
+            r = request(i)
+            results[i] = server.post(r["path"], r["body"])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        with worker_held(server):
+            for t in threads:
+                t.start()
+            wait_until(server, lambda h: h["admitted"] == 17)  # all 16 queued behind the held worker
+            assert not results
+        for t in threads:
+            t.join()
+        health = server.health()
+    stats = health["stats"]
+    for i in range(16):
+        r = request(i)
+        body, response = r["body"], results[i]
+        assert response.status_code == 200, response.text
+        ids = tok.encode(body["prompt"], bos=True)
+        if r["path"] == "/v1/completions":
+            assert streamed_ids(response) == tok.decode(oracle(model, ids, body["max_tokens"], tok.eos_id))
+        else:
+            expected = oracle(model, ids, body["max_new_tokens"], tok.eos_id, body.get("temperature", 0.0),
+                              body.get("seed"))
+            assert response.json()["completions"][0]["token_ids"] == expected, i
+    assert stats["largest_batch"] == 16 and stats["batches"] - before["batches"] == 1
+    # one prefill forward (every prompt fits one chunk) + one step per token of the longest (greedy) row but its last
+    assert stats["batched_forwards"] - before["batched_forwards"] == 8 + 3 * 15
+    assert stats["completed"] - before["completed"] == 16 and stats["active_sessions"] == 0 and stats["failed"] == 0
+    assert health["admitted"] == 0 and health["max_batch"] == 16
+
+
+def test_a_row_cancelled_mid_batch_leaves_the_others_alone(tmp_path):
+    path = method_checkpoint(tmp_path / "fot.ckpt", "fot")  # FoT: unbounded prompts, memory over several chunks
+    model, tok, _ = load_model(path)
+    prompts = ["short", "a prompt longer than two FoT windows of sixteen tokens", "medium length"]
+    with serving_in_thread(path) as server:
+        before = server.health()["stats"]
+        results: dict[int, httpx.Response] = {}
+        seen = []
+
+        def client(i: int) -> None:
+            results[i] = server.post("/completions", {"prompt": prompts[i], "max_new_tokens": 300})
+
+        def hang_up() -> None:  # a streaming row of the same batch that closes its connection after a few tokens
+            body = {"prompt": "to be cancelled", "max_tokens": 1000, "temperature": 0, "stream": True}
+            with httpx.Client(timeout=60) as c, c.stream("POST", server.url + "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    seen.append(line)
+                    if sum(s.startswith("data: ") for s in seen) == 5:
+                        break
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)] + [threading.Thread(target=hang_up)]
+        with worker_held(server):
+            for t in threads:
+                t.start()
+            wait_until(server, lambda h: h["admitted"] == 5)
+        for t in threads:
+            t.join()
+        health = wait_until(server, lambda h: h["admitted"] == 0)
+    stats = health["stats"]
+    for i, prompt in enumerate(prompts):
+        expected = generate(model, tok.encode(prompt, bos=True), 300, stop_tokens=[tok.eos_id])[0]
+        assert results[i].status_code == 200 and results[i].json()["completions"][0]["token_ids"] == expected
+    assert stats["batches"] - before["batches"] == 1 and stats["largest_batch"] == 4
+    assert stats["cancelled"] - before["cancelled"] == 2  # the held request and the row that hung up
+    # the batch ended with the 300-token rows, not with the cancelled row's 1000
+    assert 300 <= stats["batched_forwards"] - before["batched_forwards"] < 1000
+    assert stats["active_sessions"] == 0 and stats["failed"] == 0
+
+
+def test_a_session_that_refuses_padding_runs_the_queued_requests_one_by_one(tmp_path):
+    tok = ByteTokenizer()
+    options = {"window_size": 8, "feature_dim": 8, "window": "tk", "block_alignment": "start",
+               "decode_window": "terrace"}
+    config = ModelConfig(**BASE, max_seq_len=32, attention="hybrid_linear",
+                         attention_options={"hybrid_linear": options})
+    path = save_checkpoint(tmp_path / "terrace.ckpt", random_model(config), tokenizer=tok, method="lolcats_lora")
+    model, tok, _ = load_model(path)
+    prompts = ["one", "a longer prompt", "mid"]
+    encoded = [tok.encode(p, bos=True) for p in prompts]
+    with pytest.raises(ValueError, match="decode_window=terrace"):  # why the server cannot batch them
+        generate(model, encoded, 4)
+    with serving_in_thread(path) as server:
+        before = server.health()["stats"]
+        results: dict[int, httpx.Response] = {}
+
+        def client(i: int) -> None:
+            results[i] = server.post("/completions", {"prompt": prompts[i], "max_new_tokens": 20})
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        with worker_held(server):
+            for t in threads:
+                t.start()
+            wait_until(server, lambda h: h["admitted"] == 4)
+        for t in threads:
+            t.join()
+        stats = server.health()["stats"]
+    for i, ids in enumerate(encoded):
+        expected = generate(model, ids, 20, stop_tokens=[tok.eos_id])[0]
+        assert results[i].status_code == 200 and results[i].json()["completions"][0]["token_ids"] == expected
+    assert stats["batches"] == before["batches"] == 0 and stats["failed"] == 0
+    assert stats["completed"] - before["completed"] == 3 and stats["active_sessions"] == 0
