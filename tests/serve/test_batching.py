@@ -25,6 +25,8 @@ from lit_longctx.nn import ModelConfig, generate
 from lit_longctx.tokenizers import ByteTokenizer
 from tests.serve.helpers import BASE, method_checkpoint, random_model, serving_in_thread
 
+LONG = " ".join(f"line {i} of a prompt several landmark chunks long." for i in range(5))  # 250 tokens
+
 
 def wait_until(server, done, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
@@ -65,6 +67,27 @@ def oracle(model, ids: list[int], max_new: int, eos: int, temperature: float = 0
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     kwargs = {"temperature": temperature, "top_k": 20} if temperature else {}
     return generate(model, ids, max_new, stop_tokens=[eos], generator=generator, **kwargs)[0]
+
+
+def queued(server, prompts: list[str], max_new: int) -> tuple[dict, list[list[int]], dict]:
+    """Greedy /completions of ``prompts`` sent together while the worker is held: (stats before, the token ids of
+    each answer, stats after)."""
+    before = server.health()["stats"]
+    results: dict[int, httpx.Response] = {}
+
+    def client(i: int) -> None:
+        results[i] = server.post("/completions", {"prompt": prompts[i], "max_new_tokens": max_new})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    with worker_held(server):
+        for t in threads:
+            t.start()
+        wait_until(server, lambda h: h["admitted"] == len(prompts) + 1)
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results.values()), results
+    return before, [results[i].json()["completions"][0]["token_ids"] for i in range(len(prompts))], server.health()[
+        "stats"]
 
 
 def test_16_concurrent_clients_run_as_one_batch_and_equal_generate_alone(hf_dir, reference):
@@ -154,6 +177,19 @@ def test_a_row_cancelled_mid_batch_leaves_the_others_alone(tmp_path):
     assert stats["active_sessions"] == 0 and stats["failed"] == 0
 
 
+def test_landmark_requests_batch_with_long_padded_prompts(tmp_path):
+    """A landmark session takes padding on its first input: the batch is prefilled at once, long prompts (several
+    landmark chunks) included."""
+    path = method_checkpoint(tmp_path / "landmark.ckpt", "landmark")
+    model, tok, _ = load_model(path)
+    prompts = ["hi", LONG[:100], LONG]
+    with serving_in_thread(path) as server:
+        before, results, stats = queued(server, prompts, 20)
+    for prompt, got in zip(prompts, results):
+        assert got == generate(model, tok.encode(prompt, bos=True), 20, stop_tokens=[tok.eos_id])[0]
+    assert stats["batches"] - before["batches"] == 1 and stats["largest_batch"] == 3 and stats["failed"] == 0
+
+
 def test_a_session_that_refuses_padding_runs_the_queued_requests_one_by_one(tmp_path):
     tok = ByteTokenizer()
     options = {"window_size": 8, "feature_dim": 8, "window": "tk", "block_alignment": "start",
@@ -167,22 +203,9 @@ def test_a_session_that_refuses_padding_runs_the_queued_requests_one_by_one(tmp_
     with pytest.raises(ValueError, match="decode_window=terrace"):  # why the server cannot batch them
         generate(model, encoded, 4)
     with serving_in_thread(path) as server:
-        before = server.health()["stats"]
-        results: dict[int, httpx.Response] = {}
-
-        def client(i: int) -> None:
-            results[i] = server.post("/completions", {"prompt": prompts[i], "max_new_tokens": 20})
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-        with worker_held(server):
-            for t in threads:
-                t.start()
-            wait_until(server, lambda h: h["admitted"] == 4)
-        for t in threads:
-            t.join()
-        stats = server.health()["stats"]
+        before, results, stats = queued(server, prompts, 20)
     for i, ids in enumerate(encoded):
         expected = generate(model, ids, 20, stop_tokens=[tok.eos_id])[0]
-        assert results[i].status_code == 200 and results[i].json()["completions"][0]["token_ids"] == expected
+        assert results[i] == expected
     assert stats["batches"] == before["batches"] == 0 and stats["failed"] == 0
     assert stats["completed"] - before["completed"] == 3 and stats["active_sessions"] == 0

@@ -128,7 +128,8 @@ def test_command_line_errors(hf_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"error: checkpoint {str(tmp_path / 'missing')!r} not found")
-    for option, value, words in [("max_concurrent", 0, "must be >= 1"), ("request_timeout", 0, "must be > 0"),
+    for option, value, words in [("max_concurrent", 0, "must be >= 1"), ("max_batch", 0, "must be >= 1"),
+                                 ("request_timeout", 0, "must be > 0"),
                                  ("port", 70000, "is not a TCP port"), ("max_prompt_tokens", -1, "0 = unbounded")]:
         with pytest.raises(ValueError, match=f"--{option}={value} ") as info:
             serve(str(hf_dir), **{option: value})
