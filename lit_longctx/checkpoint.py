@@ -27,6 +27,7 @@ from lit_longctx.hf import CheckpointError, load_weights, read_hf_dir
 from lit_longctx.io import atomic_write
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.llama import Transformer
+from lit_longctx.nn.lora import merge_lora_state
 from lit_longctx.storage import is_remote, localize_checkpoint
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
 
@@ -145,8 +146,6 @@ def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> 
     if ckpt.get("format") == FORMAT:
         state, extra = ckpt["state_dict"], dict(ckpt.get("extra", {}))
         if "lora" in extra:  # kept LoRA adapters (convert from-lolcats --keep_lora) are merged for every reader
-            from lit_longctx.modules.lolcats import merge_lora_state
-
             state = merge_lora_state(state, extra.pop("lora")["scaling"]) if with_weights else {}
         return LoadedCheckpoint(ModelConfig.from_dict(ckpt["model_config"]), state, ckpt.get("method", "causal"),
                                 ckpt.get("tokenizer_files", {}), extra, source)
@@ -155,9 +154,7 @@ def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> 
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         extra = dict(meta.get("extra", {}))
-        if "lora" in extra:  # LoRA adapters (LoLCATs stage 2) are merged: readers see plain weights
-            from lit_longctx.modules.lolcats import merge_lora_state
-
+        if "lora" in extra:  # LoRA adapters (--model.lora, LoLCATs stage 2) are merged: readers see plain weights
             lora = extra.pop("lora")
             state = merge_lora_state(state, lora["scaling"]) if with_weights else {}
         return LoadedCheckpoint(ModelConfig.from_dict(meta["model_config"]), state, meta.get("method", "causal"),

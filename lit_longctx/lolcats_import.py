@@ -250,7 +250,7 @@ def convert_from_lolcats(
                               block_alignment=block_alignment, lora_alpha=lora_alpha, merge_lora=not keep_lora)
     state = loaded.state_dict
     if "lora" in loaded.extra:
-        from lit_longctx.modules.lolcats import merge_lora_state
+        from lit_longctx.nn.lora import merge_lora_state
 
         state = merge_lora_state(state, loaded.extra["lora"]["scaling"])
     with torch.device("meta"):  # the assembled tensors must fit the model they describe before anything is written

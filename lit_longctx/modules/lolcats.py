@@ -44,6 +44,7 @@ from lit_longctx.nn.attention import build_attention
 from lit_longctx.nn.attention.hybrid_linear import DISTILL, DISTILL_XENT, HybridLinearAttention, distill_losses
 from lit_longctx.nn.config import ConfigError, ModelConfig
 from lit_longctx.nn.llama import Transformer
+from lit_longctx.nn.lora import merge_lora_state
 
 HYBRID = "hybrid_linear"
 #: what ``trainable_extra`` may name -> the parameter-name pieces that select it
@@ -62,32 +63,6 @@ def hybrid_layers(config: ModelConfig) -> list[int]:
 def is_transfer_tensor(name: str) -> bool:
     """Whether ``name`` is a stage-1 tensor (a feature map or a window factor)."""
     return any(piece in name for pieces in EXTRA_TENSORS.values() for piece in pieces)
-
-
-def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Fold PEFT LoRA adapters into plain weights: W = W₀ + scaling · B A, under the names without ``base_layer``.
-
-    ``X.base_layer.weight`` + ``X.lora_A.<adapter>.weight`` (r, in) + ``X.lora_B.<adapter>.weight`` (out, r) become
-    ``X.weight`` (computed in float32, stored in W₀'s dtype); every other tensor is kept as is.
-    """
-    out: dict[str, torch.Tensor] = {}
-    adapters: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            owner, _, rest = key.partition(".lora_")
-            adapters.setdefault(owner, {})[rest[0]] = value  # "A" or "B"
-        elif ".base_layer." in key:
-            out[key.replace(".base_layer.", ".")] = value
-        else:
-            out[key] = value
-    for owner, ab in adapters.items():
-        name = f"{owner}.weight"
-        if set(ab) != {"A", "B"} or name not in out:
-            raise CheckpointError(f"the LoRA adapter of {owner} is incomplete (found {sorted(ab)}): damaged checkpoint")
-        base = out[name]
-        delta = ab["B"].float() @ ab["A"].float()  # (out, r) @ (r, in)
-        out[name] = (base.float() + scaling * delta).to(base.dtype)
-    return out
 
 
 def _lora_init(key: str, shape: torch.Size) -> torch.Tensor:

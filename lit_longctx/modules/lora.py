@@ -8,9 +8,10 @@ A (r, in) and B (out, r); B starts at zero, so training starts from exactly the 
 The adapters are attached to the projections in place: ``X.weight`` keeps its HF name and the adapter tensors are
 ``X.lora_A.default.weight`` / ``X.lora_B.default.weight`` (PEFT's names), applied by a forward hook. So ``init_from``
 weights load by their plain names (:func:`complete_state` adds fresh adapters), FSDP2 shards the adapters with their
-Block, and every checkpoint reader merges W = W₀ + (α/r)·B A (``lit_longctx.checkpoint`` via ``merge_lora_state``):
-export, generation and evaluation see plain LLaMA weights. A small own implementation rather than PEFT's
-``inject_adapter_in_model``, which renames the base weight to ``X.base_layer.weight`` and costs ~5 s of import.
+Block, and every checkpoint reader merges W = W₀ + (α/r)·B A (``lit_longctx.checkpoint`` via
+``lit_longctx.nn.lora.merge_lora_state``): export, generation and evaluation see plain LLaMA weights. A small own
+implementation rather than PEFT's ``inject_adapter_in_model``, which renames the base weight to
+``X.base_layer.weight`` and costs ~5 s of import.
 """
 
 from __future__ import annotations

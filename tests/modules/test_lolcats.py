@@ -256,7 +256,7 @@ def test_merge_lora_state_by_hand():
     merged = merge_lora_state(state, 2.0)
     assert set(merged) == {"x.weight", "y"}
     torch.testing.assert_close(merged["x.weight"], w + 2.0 * b @ a)
-    with pytest.raises(CheckpointError, match="incomplete"):
+    with pytest.raises(ValueError, match="incomplete"):
         merge_lora_state({"x.base_layer.weight": w, "x.lora_A.default.weight": a}, 2.0)
 
 
