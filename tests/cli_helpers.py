@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 
 from lit_longctx.modules import CausalLM
@@ -91,6 +92,17 @@ def one_line_error(*args: str) -> str:
     last = err.splitlines()[-1]  # Lightning's INFO lines may come first
     assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
     return last
+
+
+def in_process_error(capsys, *args: str) -> str:
+    """``lit-longctx ARGS`` through the real entry point in this process: exit status 2 and one ``error:`` line."""
+    from lit_longctx.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
+    return err.splitlines()[-1]
 
 
 class ShardReport(L.Callback):

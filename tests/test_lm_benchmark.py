@@ -18,6 +18,7 @@ from lit_longctx.checkpoint import load_model
 from lit_longctx.hf import CheckpointError, config_to_hf, load_weights
 from lit_longctx.lm_benchmark import read_lm_benchmark
 from lit_longctx.nn import ModelConfig, Transformer
+from tests.cli_helpers import in_process_error
 from tests.nn.test_landmark import brute_force_weights
 
 V, C, NH, HS, NL, T_MAX, FF = 64, 32, 2, 16, 2, 32, 128
@@ -135,12 +136,3 @@ def test_llama_defaults_and_refusals(ckpt, tmp_path, capsys):
     assert "transformer.h.0.ln_1.bias" in err and "LayerNorm bias" in err
 
 
-def in_process_error(capsys, *args: str) -> str:
-    """``lit-longctx ARGS`` through the real entry point in this process: exit status 2 and one ``error:`` line."""
-    from lit_longctx.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
-    return err.splitlines()[-1]

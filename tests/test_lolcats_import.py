@@ -15,6 +15,7 @@ from lit_longctx.checkpoint import load_model, read_checkpoint
 from lit_longctx.hf import CheckpointError, config_from_hf, load_weights, read_hf_config
 from lit_longctx.lolcats_import import assemble_lolcats, convert_from_lolcats
 from lit_longctx.nn import Transformer
+from tests.cli_helpers import in_process_error
 from tests.test_hf import hf_model, llama_config
 
 H, D, F, R, ALPHA = 4, 16, 8, 2, 6.0  # the tiny base: 2 layers, 4 heads of 16, hidden 64, 2 KV heads
@@ -130,12 +131,3 @@ def test_mismatched_feature_maps_and_foreign_files_are_refused(seed_files, tmp_p
     assert "feature_map_q.mlp.layer has shape (3, 16, 8)" in err and not (tmp_path / "x.pt").exists()
 
 
-def in_process_error(capsys, *args: str) -> str:
-    """``lit-longctx ARGS`` through the real entry point in this process: exit status 2 and one ``error:`` line."""
-    from lit_longctx.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
-    return err.splitlines()[-1]
