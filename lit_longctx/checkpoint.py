@@ -28,7 +28,7 @@ from lit_longctx.io import atomic_write
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.llama import Transformer
 from lit_longctx.nn.lora import merge_lora_state
-from lit_longctx.storage import is_remote, localize_checkpoint
+from lit_longctx.storage import is_remote, localize_checkpoint, newest_last_checkpoint
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
 
 FORMAT = "lit-longctx/1"
@@ -116,11 +116,6 @@ def _hf_tokenizer_files(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in _TOKENIZER_FILES if (directory / name).exists()}
 
 
-def _newest_last_ckpt(directory: Path) -> Path | None:
-    found = [p for p in directory.rglob("last*.ckpt")]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
 def _torch_load(f: str | os.PathLike | io.BytesIO) -> dict[str, Any]:
     try:
         return torch.load(f, map_location="cpu", weights_only=True, mmap=not isinstance(f, io.BytesIO))
@@ -205,11 +200,11 @@ def read_checkpoint(path: str | os.PathLike, with_weights: bool = True) -> Loade
             return _from_hf_dir(p, with_weights)
         if (p / ".metadata").exists():
             return _from_dict(_from_dcp(p), str(p), with_weights)
-        last = _newest_last_ckpt(p)
+        last = newest_last_checkpoint(p)  # a run directory: its newest complete last*.ckpt
         if last is None:
             raise CheckpointError(
                 f"{str(p)!r} is a directory without config.json (HF), .metadata (distributed checkpoint) or any "
-                "last.ckpt below it"
+                "complete last.ckpt below it"
             )
         return read_checkpoint(last, with_weights)
     return _from_dict(_torch_load(p), str(p), with_weights)

@@ -115,11 +115,11 @@ def resolve_ckpt_path(ckpt_path: str | None, roots: list[str], subcommand: str, 
 
     if ckpt_path == "last":
         found = find_last_checkpoint(*roots)
-        broken = [p for r in roots if not is_remote(r) and Path(r).is_dir() for p in Path(r).rglob("last*.ckpt")
-                  if p.is_file()]
-        if not found and broken:  # only incomplete ones: say so rather than start over beside them
-            check_checkpoint_file(max(broken, key=lambda p: p.stat().st_mtime), method)
         if not found:
+            broken = [p for r in roots if not is_remote(r) and Path(r).is_dir() for p in Path(r).rglob("last*.ckpt")
+                      if p.is_file()]
+            if broken:  # only incomplete ones: say so rather than start over beside them
+                check_checkpoint_file(max(broken, key=lambda p: p.stat().st_mtime), method)
             if subcommand == "fit":
                 print("lit-longctx: no last.ckpt found, starting a new run", file=sys.stderr)
                 return None
