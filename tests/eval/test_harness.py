@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,31 @@ def test_missing_harness_says_how_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError, as if not installed
     err = in_process_error(capsys, "evaluate", "--checkpoint", str(ckpt), "--tasks", "arc_easy")
     assert err == 'error: `lit-longctx evaluate` needs the lm-evaluation-harness: pip install -e ".[eval]"'
+
+
+@pytest.mark.slow
+def test_end_of_fit_harness_evaluation_scores_the_trained_model(tmp_path, corpus):
+    from lit_longctx.checkpoint import load_model
+    from tests.cli_helpers import TINY_CONFIG, run
+
+    tasks_dir = mc_task(tmp_path, n=4)
+    callback = (f"    - class_path: lit_longctx.callbacks.harness_eval.HarnessEvalCallback\n"
+                f"      init_args: {{tasks: tiny_mc, include_path: {tasks_dir}}}\n")
+    config = tmp_path / "fit.yaml"
+    config.write_text(TINY_CONFIG.format(root=tmp_path, corpus=corpus).replace("  callbacks:\n", "  callbacks:\n" +
+                                                                                 callback))
+    cli = run("fit", "--config", str(config))
+    (cb,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "HarnessEvalCallback"]
+    got = cb.results["results"]["tiny_mc"]["acc,none"]
+    # the oracle: the final weights scored by hand, choice by choice (sum of log-probs, argmax, ties to the first)
+    model, tok, _ = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    model.eval()
+    hits = []
+    for line in (tmp_path / "mc.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        context = doc["question"] + " Answer:"
+        scores = [hand_logprob(model, [tok.bos_id] + tok.encode(context + " " + c), len(tok.encode(" " + c)))[0]
+                  for c in doc["choices"]]
+        hits.append(max(range(4), key=lambda i: (scores[i], -i)) == doc["gold"])
+    assert got == pytest.approx(sum(hits) / len(hits))
+    assert json.loads((Path(cli.trainer.log_dir) / "harness" / "results.json").read_text())["results"]["tiny_mc"]
