@@ -199,8 +199,7 @@ class ContextSchedule(Callback):
                               "(TokenFiles, TextData, ...)")
         segments = [Segment(self.plan.micro_batches_before(s.step), s.seq_len, s.micro_batch) for s in self.stages]
         dm.set_stages(segments, self.plan.micro_batches_before(trainer.max_steps))
-        # a first stream now, so a data module that cannot re-cut fails before training
-        dm.stage_stream(self.stages[-1].seq_len, 0)
+        dm.check_stages()  # a data module that cannot re-cut fails now, before training
         dm.seq_len, dm.batch_size = first.seq_len, first.micro_batch
 
     # ------------------------------------------------------------------------------------------------ training

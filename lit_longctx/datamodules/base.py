@@ -302,6 +302,12 @@ class LongCtxDataModule(L.LightningDataModule):
         Each segment's rows come from :meth:`stage_stream`."""
         self._stages = (list(segments), total_batches) if segments else None
 
+    def check_stages(self) -> None:
+        """Hook: raise ``ValueError`` when this module cannot train the plan given to :meth:`set_stages` (called
+        before training). By default every segment's stream must build (:meth:`stage_stream`)."""
+        if self._stages is not None:
+            self.stage_stream(self._stages[0][-1].seq_len, 0)
+
     def stage_stream(self, seq_len: int, token_offset: int) -> SampleStream:
         """Hook: training rows of ``seq_len`` whose first row starts ``token_offset`` tokens into the training stream
         (the tokens that earlier stages consumed, as the earlier stages' streams count them with

@@ -24,6 +24,7 @@ pipeline per data-parallel rank, with a :class:`DocAwareLoader` whose checkpoint
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ from lit_longctx.datamodules.doc_pipelines import (
 from lit_longctx.datamodules.passkey import LABELS as PASSKEY_LABELS
 from lit_longctx.datamodules.passkey import PasskeyDocuments, init_passkey_options, module_passkey_documents
 from lit_longctx.datamodules.sources import TextSource
+from lit_longctx.datamodules.staged import Segment
 from lit_longctx.datamodules.text import MixtureStream, TextData, normalize_weights
 from lit_longctx.datamodules.token_files import TokenSplit
 from lit_longctx.eval.passkey import ANSWER_TEMPLATE
@@ -146,17 +148,34 @@ class PasskeyDocumentStream(SampleStream):
 
 # ------------------------------------------------------------------------------------------------------- loaders
 class _PipelineBatches(IterableDataset):
-    """``count`` batches of a pipeline; in a worker process each comes with the pipeline's state after it."""
+    """``count`` batches of a pipeline from batch ``start`` on; in a worker process each comes with the pipeline's
+    state after it. With ``segments`` (a context schedule's plan) the pipeline is restaged to the segment of each
+    batch before making it."""
 
-    def __init__(self, pipeline: DocAware | KPacking | Linear) -> None:
+    def __init__(self, pipeline: DocAware | KPacking | Linear, segments: list[Segment] | None = None) -> None:
         self.pipeline = pipeline
-        self.count = 0
+        self.segments = segments
+        self.start = self.count = 0
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any] | None]]:
         in_worker = get_worker_info() is not None
-        for _ in range(self.count):
+        for index in range(self.start, self.start + self.count):
+            if self.segments is not None:
+                shape_pipeline(self.pipeline, self.segments, index)
             batch = next(self.pipeline)
             yield batch, (self.pipeline.state_dict() if in_worker else None)
+
+
+def segment_at(segments: list[Segment], batch: int) -> Segment:
+    """The segment that micro-batch ``batch`` belongs to."""
+    return segments[bisect.bisect_right([s.first_batch for s in segments], batch) - 1]
+
+
+def shape_pipeline(pipeline: DocAware | KPacking | Linear, segments: list[Segment], batch: int) -> None:
+    """Restage ``pipeline`` to the rows and window of micro-batch ``batch``'s segment (no-op when they match)."""
+    seg = segment_at(segments, batch)
+    if (pipeline.batch_size, pipeline.seq_len) != (seg.batch_size, seg.seq_len):
+        pipeline.restage(seg.batch_size, seg.seq_len)
 
 
 def _gather_states(rank: int, state: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -187,6 +206,10 @@ class DocAwareLoader(DataLoader):
         world_size: number of data-parallel ranks.
         identity: the settings a saved state depends on (pipeline, sequence length, batch size, seed, data); restoring
             a state written under other settings is an error.
+        segments: a context schedule's plan (:class:`~lit_longctx.datamodules.staged.Segment` list): from each
+            segment's first micro-batch on, the pipeline continues with its rows and window
+            (:meth:`~lit_longctx.datamodules.doc_pipelines.DocAware.restage`); ``batches_per_epoch`` is then the whole
+            run. Segments already read when a state was saved must be the same on restore; later ones may change.
         **kwargs: further ``DataLoader`` arguments (e.g. ``pin_memory``).
     """
 
@@ -198,6 +221,7 @@ class DocAwareLoader(DataLoader):
         rank: int = 0,
         world_size: int = 1,
         identity: dict[str, Any] | None = None,
+        segments: list[Segment] | None = None,
         **kwargs: Any,
     ) -> None:
         if num_workers not in (0, 1):
@@ -206,11 +230,13 @@ class DocAwareLoader(DataLoader):
                              "set num_workers to 0 or 1")
         if batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
-        super().__init__(_PipelineBatches(pipeline), batch_size=None, num_workers=num_workers, **kwargs)
+        segments = list(segments) if segments else None
+        super().__init__(_PipelineBatches(pipeline, segments), batch_size=None, num_workers=num_workers, **kwargs)
         self.pipeline = pipeline
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world_size = rank, world_size
         self.identity = dict(identity or {})
+        self.segments = segments
         self.epoch = 0
         self.batch = 0
 
@@ -218,9 +244,11 @@ class DocAwareLoader(DataLoader):
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
-        self.dataset.count = len(self) - self.batch
+        self.dataset.start, self.dataset.count = self.batch, len(self) - self.batch
         for batch, state in super().__iter__():
             if state is not None:  # made in a worker: mirror its pipeline here
+                if self.segments is not None:
+                    shape_pipeline(self.pipeline, self.segments, self.batch)
                 self.pipeline.load_state_dict(state)
             # advance before handing the batch out: a state saved while it is being used points past it
             self.batch += 1
@@ -230,8 +258,11 @@ class DocAwareLoader(DataLoader):
 
     def local_state(self) -> dict[str, Any]:
         """The state of this rank only (no communication)."""
-        return {"identity": self.identity, "world_size": self.world_size, "epoch": self.epoch, "batch": self.batch,
-                "ranks": {self.rank: self.pipeline.state_dict()}}
+        state = {"identity": self.identity, "world_size": self.world_size, "epoch": self.epoch, "batch": self.batch,
+                 "ranks": {self.rank: self.pipeline.state_dict()}}
+        if self.segments is not None:
+            state["segments"] = _signature(self.segments)
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         """The state of every rank (a collective call under torch.distributed: all ranks call it together)."""
@@ -245,6 +276,8 @@ class DocAwareLoader(DataLoader):
         if state_dict.get("identity") != self.identity:
             saved = state_dict.get("identity") or {}
             problems += [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in self.identity.items() if saved.get(k) != v]
+        if self.segments is not None or "segments" in state_dict:
+            problems += self._segment_problems(state_dict)
         if state_dict.get("world_size") != self.world_size:
             problems.append(f"{state_dict.get('world_size')} data-parallel ranks (now {self.world_size})")
         elif self.rank not in state_dict["ranks"]:
@@ -257,8 +290,25 @@ class DocAwareLoader(DataLoader):
                 + ": each rank's rows continue their documents, so resume with the data settings, batch size and "
                 "number of data-parallel ranks of that run"
             )
+        if self.segments is not None:  # the saved rows have the shape of the last batch made before the save
+            shape_pipeline(self.pipeline, self.segments, max(state_dict["batch"] - 1, 0))
         self.pipeline.load_state_dict(state_dict["ranks"][self.rank])
         self.epoch, self.batch = state_dict["epoch"], state_dict["batch"]
+
+    def _segment_problems(self, state_dict: dict[str, Any]) -> list[str]:
+        """Segments read before the save must be the same now (the rows continue them); later ones may differ."""
+        saved, mine = state_dict.get("segments"), _signature(self.segments) if self.segments else None
+        if saved is None or mine is None:
+            return [f"context schedule {saved is not None} (now {mine is not None})"]
+        done = state_dict["batch"]
+        used = [s for s in saved if s[0] < done]
+        if [tuple(s) for s in mine[:len(used)]] != [tuple(s) for s in used]:
+            return [f"stages (first micro-batch, seq_len, micro_batch) {used} (now {mine[:len(used)]})"]
+        return []
+
+
+def _signature(segments: list[Segment]) -> list[list[int]]:
+    return [[s.first_batch, s.seq_len, s.batch_size] for s in segments]
 
 
 class _EvalBatches(IterableDataset):
@@ -402,6 +452,7 @@ class DocAwareData(TextData):
         init_passkey_options(self, passkey_fraction, lengths, None, passkey_depths, passkey_labels, task, key_range,
                              template, needle_template, n_keys, answer_template)
         self._eval_batches: _EvalBatches | None = None
+        self._eval_shape: tuple[int, int] | None = None
 
     # --- what the model needs to know
     @property
@@ -451,16 +502,33 @@ class DocAwareData(TextData):
         tokens = sum(n * (c.mean_length + 2) for n, c in zip(counts, documents.components))
         return max(1, math.ceil(tokens / (self.batch_size * self.seq_len * world_size)))
 
-    def _pipeline(self, name: str, documents: DocumentSource, loop: bool) -> DocAware | KPacking | Linear:
+    def _pipeline_options(self, loop: bool = True) -> dict[str, Any]:
         tok = self.tokenizer
-        return build_pipeline(name, documents, self.batch_size, self.seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                              add_bos=tok.bos_id is not None, add_eos=tok.eos_id is not None, loop=loop)
+        return {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.bos_id is not None,
+                "add_eos": tok.eos_id is not None, "loop": loop}
+
+    def _pipeline(self, name: str, documents: DocumentSource, loop: bool) -> DocAware | KPacking | Linear:
+        return build_pipeline(name, documents, self.batch_size, self.seq_len, **self._pipeline_options(loop))
 
     def state_identity(self) -> dict[str, Any]:
-        """What a saved training state depends on."""
-        return {"data_pipeline": self.data_pipeline, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "seed": self.seed, "passkey_fraction": self.passkey_fraction,
-                "sources": [s.label for s in self.sources]}
+        """What a saved training state depends on (under a context schedule the segments replace the shape)."""
+        shape = {} if self._stages is not None else {"seq_len": self.seq_len, "batch_size": self.batch_size}
+        return {"data_pipeline": self.data_pipeline, **shape, "seed": self.seed,
+                "passkey_fraction": self.passkey_fraction, "sources": [s.label for s in self.sources]}
+
+    # --- context schedules
+    def check_stages(self) -> None:
+        """A schedule's stages keep FoT's layout: each micro-batch holds whole packs of k consecutive windows, and
+        every row continues its documents at the new window length (:meth:`DocAware.restage`), so ``shuffle`` and
+        several sources are fine here (the document order does not depend on the length)."""
+        k = self.dataset_packing
+        for seg in self._stages[0] if self._stages is not None else []:
+            if seg.batch_size % k:
+                raise ValueError(
+                    f"a stage's micro_batch={seg.batch_size} is not divisible by k={k} of "
+                    f"data_pipeline={self.data_pipeline!r}: a micro-batch holds whole packs of k windows; use a "
+                    f"multiple of {k}"
+                )
 
     # --- loaders
     def train_dataloader(self) -> DocAwareLoader:
@@ -470,9 +538,17 @@ class DocAwareData(TextData):
         if len(shard) == 0:
             raise ValueError(f"the training data has {documents.num_samples} documents per pass, fewer than the "
                              f"{world_size} data-parallel ranks: add data or use fewer devices")
-        loader = DocAwareLoader(self._pipeline(self.data_pipeline, shard, loop=True),
-                                self.batches_per_epoch(documents, world_size), self.num_workers, rank, world_size,
-                                self.state_identity())
+        if self._stages is not None:  # one "epoch" is the whole run; the pipeline restages at segment starts
+            segments, total = self._stages
+            first = segments[0]
+            pipeline = build_pipeline(self.data_pipeline, shard, first.batch_size, first.seq_len,
+                                      **self._pipeline_options())
+            loader = DocAwareLoader(pipeline, total, self.num_workers, rank, world_size, self.state_identity(),
+                                    segments)
+        else:
+            loader = DocAwareLoader(self._pipeline(self.data_pipeline, shard, loop=True),
+                                    self.batches_per_epoch(documents, world_size), self.num_workers, rank,
+                                    world_size, self.state_identity())
         if self._pending_train_state is not None:
             loader.load_state_dict(self._pending_train_state)
             self._pending_train_state = None
@@ -482,7 +558,10 @@ class DocAwareData(TextData):
         return loader
 
     def _eval_loader(self) -> DataLoader | None:
+        if self._eval_batches is not None and self._eval_shape != (self.batch_size, self.seq_len):
+            self._eval_batches = None  # a context schedule changed the length: evaluate at the new one
         if self._eval_batches is None:
+            self._eval_shape = (self.batch_size, self.seq_len)
             held_out = self._split_documents("val", shuffle=False)
             if not held_out:
                 return None

@@ -197,17 +197,43 @@ class DocAware(_Pipeline):
         self.pad, self.pad_id = pad, pad_id
         self.rows: list[tuple[list[int], list[int]]] = [([], []) for _ in range(batch_size)]
         self.row_sources: list[list[int]] = [[] for _ in range(batch_size)]  # source of every buffered token
+        #: the unread rest of rows a restage removed, (tokens, mask, sources), read before new documents
+        self.carried: list[tuple[list[int], list[int], list[int]]] = []
+
+    def _next_document(self) -> tuple[list[int], list[int], list[int]]:
+        """The next carried rest as it is, else the next document (padded to a multiple of T with ``pad``)."""
+        if self.carried:
+            return self.carried.pop(0)
+        doc, doc_mask = self.stream.next()
+        if self.pad:
+            doc_mask[0] = 0
+            short = -len(doc) % self.seq_len
+            doc, doc_mask = doc + [self.pad_id] * short, doc_mask + [0] * short
+        return doc, doc_mask, [self.stream.last_source] * len(doc)
+
+    def restage(self, batch_size: int, seq_len: int) -> None:
+        """Continue with ``batch_size`` rows of window ``seq_len`` (a context schedule's stage switch).
+
+        Every row keeps its buffer, so its stream continues at the new window length. Rows beyond the new
+        ``batch_size`` hand the unread rest of their buffer (in row order) to the rows that stay, before any new
+        document: no token is dropped or read twice. A rest's first token was already the last target of its old row,
+        so its loss mask is 0 there (it is predicted once); new rows start empty.
+        """
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        for (tokens, mask), sources in zip(self.rows[batch_size:], self.row_sources[batch_size:]):
+            if tokens:
+                self.carried.append((list(tokens), [0, *mask[1:]], list(sources)))
+        self.rows = self.rows[:batch_size] + [([], []) for _ in range(batch_size - len(self.rows))]
+        self.row_sources = self.row_sources[:batch_size] + [[] for _ in range(batch_size - len(self.row_sources))]
+        self.batch_size, self.seq_len = batch_size, seq_len
 
     def _fill(self, tokens: list[int], mask: list[int], sources: list[int]) -> None:
         while len(tokens) < self.seq_len + 1:
-            doc, doc_mask = self.stream.next()
-            if self.pad:
-                doc_mask[0] = 0
-                short = -len(doc) % self.seq_len
-                doc, doc_mask = doc + [self.pad_id] * short, doc_mask + [0] * short
+            doc, doc_mask, doc_sources = self._next_document()
             tokens.extend(doc)
             mask.extend(doc_mask)
-            sources.extend([self.stream.last_source] * len(doc))
+            sources.extend(doc_sources)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         t = self.seq_len
@@ -223,9 +249,10 @@ class DocAware(_Pipeline):
         return _batch(inputs, targets, masks, used, self.stream.n_sources)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.stream.state_dict(), "steps": self.steps,
+        return {"stream": self.stream.state_dict(), "steps": self.steps, "seq_len": self.seq_len,
                 "rows": [(list(tokens), list(mask)) for tokens, mask in self.rows],
-                "row_sources": [list(sources) for sources in self.row_sources]}
+                "row_sources": [list(sources) for sources in self.row_sources],
+                "carried": [[list(part) for part in rest] for rest in self.carried]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["rows"]) != self.batch_size:
@@ -235,6 +262,7 @@ class DocAware(_Pipeline):
         self.steps = state["steps"]
         self.rows = [(list(tokens), list(mask)) for tokens, mask in state["rows"]]
         self.row_sources = [list(x) for x in state.get("row_sources", [[0] * len(t) for t, _ in self.rows])]
+        self.carried = [(list(a), list(b), list(c)) for a, b, c in state.get("carried", [])]
 
 
 class KPacking(_Pipeline):
@@ -250,6 +278,14 @@ class KPacking(_Pipeline):
         self.inner = DocAware(documents, batch_size // k, k * seq_len, **kwargs)
         super().__init__(self.inner.stream, batch_size, seq_len)
 
+    def restage(self, batch_size: int, seq_len: int) -> None:
+        """Continue with ``batch_size`` rows of window ``seq_len``: the inner pipeline's packs continue at k·T
+        (:meth:`DocAware.restage`); k stays, so ``batch_size`` must stay a multiple of it."""
+        if batch_size % self.k:
+            raise ValueError(f"doc_aware_k{self.k} needs a batch size divisible by k={self.k}, got {batch_size}")
+        self.inner.restage(batch_size // self.k, self.k * seq_len)
+        self.batch_size, self.seq_len = batch_size, seq_len
+
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = next(self.inner)
         self.steps += 1
@@ -261,6 +297,7 @@ class KPacking(_Pipeline):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state["inner"])
         self.steps = state["steps"]
+        self.batch_size, self.seq_len = self.inner.batch_size * self.k, self.inner.seq_len // self.k
 
 
 class Linear(_Pipeline):
@@ -276,6 +313,12 @@ class Linear(_Pipeline):
         self.tokens: list[int] = []
         self.mask: list[int] = []
         self.sources: list[int] = []
+
+    def restage(self, batch_size: int, seq_len: int) -> None:
+        """Continue the one stream in (``batch_size``, ``seq_len``) blocks from where the last block ended."""
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        self.batch_size, self.seq_len = batch_size, seq_len
 
     def __next__(self) -> dict[str, torch.Tensor]:
         n, b, t = self.batch_size * self.seq_len, self.batch_size, self.seq_len
