@@ -138,6 +138,8 @@ class ContextSchedule(Callback):
         stage_eval: run a passkey grid at the stage's length (``LongEvalCallback`` arguments, ``lengths`` default
             ``[seq_len]``) when a stage starts, ends, or both; None: no per-stage evaluation.
         stage_eval_at: ``start``, ``end`` or ``both``.
+        validate_at_stage_length: validation rows follow the stage's length and micro-batch (the loss the stage
+            trains); False keeps them at the first stage's, comparable across stages.
     """
 
     def __init__(
@@ -145,11 +147,13 @@ class ContextSchedule(Callback):
         stages: list[dict[str, Any]],
         stage_eval: dict[str, Any] | None = None,
         stage_eval_at: Literal["start", "end", "both"] = "end",
+        validate_at_stage_length: bool = True,
     ) -> None:
         self.stages = parse_stages(stages)
         self.plan = accumulation.AccumulationPlan({s.step: s.accumulate for s in self.stages})
         self.stage_eval = dict(stage_eval) if stage_eval is not None else None
         self.stage_eval_at = stage_eval_at
+        self.validate_at_stage_length = validate_at_stage_length
         self.current: int | None = None
         self.base_rope: RopeConfig | None = None
         self.base_max_seq_len: int | None = None
@@ -247,7 +251,11 @@ class ContextSchedule(Callback):
         s = self.stages[index]
         pl_module.apply_context_stage(s.seq_len, s.micro_batch, self.ropes[index], self.max_seq_lens[index])
         dm = trainer.datamodule
-        dm.seq_len, dm.batch_size = s.seq_len, s.micro_batch
+        if self.validate_at_stage_length:
+            dm.seq_len, dm.batch_size = s.seq_len, s.micro_batch
+            # Lightning keeps the validation loader of the fit's start: drop it, so the next validation asks the data
+            # module again (at the new length)
+            trainer.fit_loop.epoch_loop.val_loop._combined_loader = None
         rope = self.ropes[index]
         metrics = {"context/stage": float(index), "context/seq_len": float(s.seq_len),
                    "context/micro_batch": float(s.micro_batch), "context/accumulate": float(s.accumulate),

@@ -1,8 +1,10 @@
-"""What a long run shows: the progress bar names the step, the context stage and its length and reports tokens/s
-(not "Epoch 6/-2", ``v_num`` and iterations/s, which mean nothing for step-keyed training on a token stream); the
-model summary's FLOPs are the analytic training FLOPs of a micro-batch (``CausalLM.model_flops_per_batch``) instead of
-Lightning's "0" (it counts only an ``example_input_array`` forward); Lightning's promotional tip and known deprecation
-noise are dropped. :func:`install` swaps Lightning's default bar and summary for these; ones a user configured stay.
+"""What a long run shows: the progress bar counts optimizer steps to ``max_steps`` (not the micro-batches of an
+"epoch"), names the context stage and its length, shows learning rates as ``3.00e-05`` (not "0.000") and reports
+tokens/s (not "Epoch 6/-2", ``v_num`` and iterations/s, which mean nothing for step-keyed training on a token
+stream); the model summary's FLOPs are the analytic training FLOPs of a micro-batch
+(``CausalLM.model_flops_per_batch``) instead of Lightning's "0" (it counts only an ``example_input_array`` forward);
+Lightning's promotional tip and known deprecation noise are dropped. :func:`install` swaps Lightning's default bar
+and summary for these; ones a user configured stay.
 """
 
 from __future__ import annotations
@@ -58,9 +60,17 @@ class _LongCtxBar:
             text += f" stage {shown['stage']} T={shown['seq_len']}"
         return text
 
+    @staticmethod
+    def steps_total(trainer: Trainer) -> int | None:
+        """The bar counts optimizer steps up to ``max_steps`` (not micro-batches of an epoch), when it is set."""
+        return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
         items.pop("v_num", None)
+        for key, value in items.items():  # a learning rate of 3e-5 is not "0.000"
+            if key.rsplit("/", 1)[-1] == "lr" and isinstance(value, (int, float)):
+                items[key] = f"{value:.2e}"
         tokens = getattr(pl_module, "tokens_seen", None)
         if tokens is not None and trainer.training:
             now = time.perf_counter()
@@ -81,9 +91,23 @@ class LongCtxTQDMBar(_LongCtxBar, TQDMProgressBar):
         bar.bar_format = self.BAR_FORMAT
         return bar
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args)
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        total = self.steps_total(trainer)
+        if total is not None:
+            self.train_progress_bar.total = total
+            self.train_progress_bar.n = self.train_progress_bar.initial = trainer.global_step
         self.train_progress_bar.set_description(self.describe(trainer), refresh=False)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.steps_total(trainer) is None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self.train_progress_bar is not None and self._should_update(trainer.global_step,
+                                                                          self.train_progress_bar.total):
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        self.train_progress_bar.set_description(self.describe(trainer))
 
 
 class LongCtxRichBar(_LongCtxBar, RichProgressBar):
@@ -97,10 +121,24 @@ class LongCtxRichBar(_LongCtxBar, RichProgressBar):
 
         return [c for c in super().configure_columns(trainer) if not isinstance(c, ProcessingSpeedColumn)]
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        total = self.steps_total(trainer)
+        if total is not None and self.train_progress_bar_id is not None and self.progress is not None:
+            self.progress.update(self.train_progress_bar_id, total=total, completed=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         if self.train_progress_bar_id is not None and self.progress is not None:
             self.progress.update(self.train_progress_bar_id, description=self.describe(trainer))
-        super().on_train_batch_end(trainer, pl_module, *args)
+        if self.steps_total(trainer) is None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
 
 
 def training_flops(trainer: Trainer, pl_module: LightningModule) -> int:

@@ -264,3 +264,36 @@ def test_learning_rate_rewarms_at_a_stage_start(tmp_path):
     lrs = {r["step"]: r["lr"] for r in module.seen}
     expected = {0: 0.5, 1: 1.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0, 5: 1.0}  # x 1e-3, constant schedule otherwise
     assert lrs == pytest.approx({k: v * 1e-3 for k, v in expected.items()})
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_validation_rows_follow_the_stage_length(tmp_path, follow):
+    """Validation every 2 steps sees the stage's (B, T) windows of the held-out file, stride T (every held-out token
+    after the first is a target once), or stays at stage 0's with ``validate_at_stage_length: false``."""
+    rng = np.random.default_rng(1)
+    train, val = rng.integers(0, VOCAB, 5000), rng.integers(0, VOCAB, 200)
+    write_token_files(tmp_path / "tokens", {"train": train, "val": val}, vocab_size=VOCAB)
+
+    class ValRecorder(Recorder):
+        def validation_step(self, batch, batch_idx):
+            self.seen.append({"val_step": self.trainer.global_step, "shape": tuple(batch["input_ids"].shape),
+                              "ids": batch["input_ids"]})
+            return super().validation_step(batch, batch_idx)
+
+    module = ValRecorder()
+    dm = TokenFiles(str(tmp_path / "tokens"), tokenizer="byte", seq_len=16, batch_size=4, train_order="sequential")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=6, val_check_interval=2,
+                        check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+                        callbacks=[ContextSchedule(STAGES, validate_at_stage_length=follow)])
+    trainer.fit(module, datamodule=dm)
+    got = [(r["val_step"], r["shape"]) for r in module.seen if "val_step" in r]
+    # val_check_interval counts micro-batches (2, 4, 6, 8 here: global steps 2, 3, 4, 6); a validation runs before the
+    # next stage starts, so it sees the stage that trained the step before it
+    shapes = {0: (4, 16), 1: (4, 16), 2: (1, 32), 3: (1, 32), 4: (1, 64), 5: (1, 64)}
+    assert [step for step, _ in got] == [2, 3, 4, 6]
+    assert [shape for _, shape in got] == [shapes[step - 1] if follow else (4, 16) for step, _ in got]
+    for r in module.seen:
+        if "val_step" in r:
+            t = r["shape"][1]
+            assert torch.equal(r["ids"][0], torch.from_numpy(val[:t]).long())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import pytest
 from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar, TQDMProgressBar
 
 from lit_longctx.callbacks.context_schedule import ContextSchedule
@@ -56,3 +57,29 @@ def test_lightning_tip_is_dropped():
     record = logging.LogRecord(logger.name, logging.INFO, __file__, 1, "💡 Tip: try litlogger", None, None)
     other = logging.LogRecord(logger.name, logging.INFO, __file__, 1, "GPU available: False", None, None)
     assert not logger.filter(record) and logger.filter(other)
+
+
+def test_bar_counts_optimizer_steps_and_shows_small_learning_rates(tmp_path, monkeypatch):
+    """With accumulation 2 in stage 2 there are 8 micro-batches for 6 steps: the bar ends at 6/6 (not 8/8), and a
+    learning rate of 3e-5 reads 3.00e-05 (Lightning's bar shows 0.000)."""
+    import numpy as np
+
+    from lit_longctx.datamodules import TokenFiles, write_token_files
+
+    write_token_files(tmp_path / "tokens", {"train": np.arange(4000) % 97}, vocab_size=97)
+    dm = TokenFiles(str(tmp_path / "tokens"), tokenizer="byte", seq_len=16, batch_size=4, train_order="sequential")
+    stages = [{"step": 0, "seq_len": 16, "micro_batch": 4}, {"step": 2, "seq_len": 32, "micro_batch": 1,
+                                                            "accumulate": 2}]
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=6, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[TQDMProgressBar(), ContextSchedule(stages)])
+    install(trainer)
+    bar = trainer.progress_bar_callback
+    ends = []
+    monkeypatch.setattr(type(bar), "on_train_end", lambda self, *a: ends.append(
+        (self.train_progress_bar.n, self.train_progress_bar.total, self.train_progress_bar.desc)))
+    module = CausalLM(model={"vocab_size": 97, "dim": 16, "n_layers": 1, "n_heads": 2, "ffn_dim": 32,
+                             "max_seq_len": 16}, learning_rate=3e-5, lr_schedule="constant")
+    trainer.fit(module, datamodule=dm)
+    assert ends == [(6, 6, "step 6/6 stage 2/2 T=32: ")]
+    assert trainer.progress_bar_metrics["train/lr"] == pytest.approx(3e-5)
+    assert bar.get_metrics(trainer, module)["train/lr"] == "3.00e-05"
