@@ -314,8 +314,8 @@ class LongCtxDataModule(L.LightningDataModule):
         ``stream_tokens(rows)``), so a length switch neither skips nor repeats tokens."""
         raise ValueError(
             f"{type(self).__name__} cannot re-cut its training stream at a new sequence length, which a context "
-            "schedule needs; use TokenFiles (train_order sequential or random) or TextData with one source and "
-            "shuffle: false"
+            "schedule needs; use TokenFiles (train_order sequential or random), TextData / PasskeyMixData with "
+            "shuffle: false, or DocAwareData"
         )
 
     # --- loaders

@@ -25,6 +25,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lit_longctx.datamodules.base import SampleStream
 
 
+def advance(position: int | tuple, read: int | tuple) -> int | tuple:
+    """A stream position moved on by what a segment read: token counts, or tuples of them (one per source of a
+    mixture, elementwise)."""
+    if isinstance(read, tuple):
+        start = position if isinstance(position, tuple) else (position,) * len(read)
+        if len(start) != len(read):
+            raise ValueError(f"a stage reads {len(read)} sources but the stream position has {len(start)}")
+        return tuple(advance(a, b) for a, b in zip(start, read))
+    if isinstance(position, tuple):
+        raise ValueError("a stage reads one source but the stream position has several")
+    return position + read
+
+
 @dataclass(frozen=True)
 class Segment:
     """Rows of ``seq_len`` tokens in micro-batches of ``batch_size`` from micro-batch ``first_batch`` on."""
@@ -38,7 +51,7 @@ class Segment:
 class _Built:
     segment: Segment
     stream: SampleStream
-    token_offset: int
+    token_offset: int | tuple
 
 
 class StagedStream(IterableDataset):
@@ -94,7 +107,7 @@ class StagedLoader(DataLoader):
             if i:
                 prev = segments[i - 1]
                 rows = (seg.first_batch - prev.first_batch) * prev.batch_size * world_size
-                offset += built[-1].stream.stream_tokens(rows)
+                offset = advance(offset, built[-1].stream.stream_tokens(rows))
             built.append(_Built(seg, datamodule.stage_stream(seg.seq_len, offset), offset))
         self.staged = StagedStream(built, rank, world_size, 0, total_batches)
         super().__init__(self.staged, batch_size=None, num_workers=num_workers)
@@ -103,8 +116,9 @@ class StagedLoader(DataLoader):
         self.seed = getattr(datamodule, "seed", 0)
         self.next_batch = 0
 
-    def token_offset(self, segment: int) -> int:
-        """Tokens of the stream before segment ``segment`` starts (summed over ranks)."""
+    def token_offset(self, segment: int) -> int | tuple:
+        """Tokens of the stream before segment ``segment`` starts (summed over ranks; one count per source of a
+        mixture)."""
         return self.staged.built[segment].token_offset
 
     def __len__(self) -> int:

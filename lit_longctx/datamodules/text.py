@@ -108,16 +108,19 @@ class MixtureStream(SampleStream):
     def num_samples(self) -> int:
         return self._num_samples
 
-    def stream_tokens(self, rows: int) -> int:
-        """Tokens of the components' token streams that the first ``rows`` positions read (synthetic components,
-        which have no ``stream_tokens``, read none)."""
+    def stream_tokens(self, rows: int) -> int | tuple:
+        """Where the first ``rows`` positions leave the components' token streams (synthetic components, which have
+        no ``stream_tokens``, read none): one token stream's count as it is, several as a tuple in component order
+        (context schedules continue each source where it stopped, :func:`~lit_longctx.datamodules.staged.advance`)."""
         full, rest = divmod(rows, self._num_samples)
-        total = 0
+        read = []
         for c, comp in enumerate(self.components):
             if hasattr(comp, "stream_tokens"):
                 n = full * int((self.component == c).sum()) + int((self.component[:rest] == c).sum())
-                total += comp.stream_tokens(n)
-        return total
+                read.append(comp.stream_tokens(n))
+        if not read:
+            return 0
+        return read[0] if len(read) == 1 else tuple(read)
 
     def get_sample(self, epoch: int, index: int) -> dict[str, Any]:
         c, j = int(self.component[index]), int(self.within[index])
@@ -410,16 +413,28 @@ class TextData(LongCtxDataModule):
         streams = [TokenStream(s["train"], self.seq_len, order, self.seed) for s in self.open()]
         return MixtureStream(streams, [s.weight for s in self.sources], self.seed)
 
-    def stage_stream(self, seq_len: int, token_offset: int) -> TokenStream:
-        """Rows of ``seq_len`` continuing the one source's stream at ``token_offset`` (context schedules)."""
+    def stage_stream(self, seq_len: int, token_offset: int | tuple) -> SampleStream:
+        """Rows of ``seq_len`` continuing every weighted source's stream where the previous stages left it
+        (``token_offset``: one count, or one per weighted source as :meth:`MixtureStream.stream_tokens` gives), in
+        the same blend (context schedules)."""
         weighted = [s for s, src in zip(self.open(), self.sources) if src.weight > 0]
-        if self.shuffle or len(weighted) != 1:
+        if self.shuffle:
             raise ValueError(
-                "a context schedule re-cuts the token stream at each new length from where the last stage stopped, "
-                "which needs one text source read in order: set shuffle: false and one source (or pre-tokenize the "
-                "mixture into TokenFiles)"
+                "a context schedule re-cuts each source's token stream at the new length from where the last stage "
+                "stopped, which needs the sources read in order: set data.init_args.shuffle: false (or pre-tokenize "
+                "into TokenFiles with train_order random)"
             )
-        return TokenStream(weighted[0]["train"], seq_len, "sequential", self.seed, offset=token_offset)
+        offsets = list(token_offset) if isinstance(token_offset, (tuple, list)) else [token_offset]
+        if offsets == [0]:
+            offsets = [0] * len(weighted)
+        if len(offsets) != len(weighted):
+            raise ValueError(f"{len(offsets)} stream positions for {len(weighted)} weighted sources: resume with the "
+                             "sources and weights of that run")
+        streams = [TokenStream(split["train"], seq_len, "sequential", self.seed, offset=o)
+                   for split, o in zip(weighted, offsets)]
+        if len(streams) == 1:
+            return streams[0]
+        return MixtureStream(streams, [src.weight for src in self.sources if src.weight > 0], self.seed)
 
     def val_dataset(self) -> Dataset | None:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0

@@ -297,3 +297,20 @@ def test_validation_rows_follow_the_stage_length(tmp_path, follow):
         if "val_step" in r:
             t = r["shape"][1]
             assert torch.equal(r["ids"][0], torch.from_numpy(val[:t]).long())
+
+
+def test_shuffled_text_is_refused_before_training(tmp_path):
+    """Shuffled windows of one length cannot be re-cut at another from the same position: a clear error naming the
+    setting, before any step."""
+    from lit_longctx.datamodules import TextData
+
+    path = tmp_path / "docs.txt"
+    path.write_text("some text to train on. " * 400)
+    dm = TextData(sources=[str(path)], tokenizer="byte", seq_len=16, batch_size=4, shuffle=True, val_fraction=0.0,
+                  cache_dir=str(tmp_path / "cache"))
+    module = Recorder()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        max_steps=6, callbacks=[ContextSchedule(STAGES)])
+    with pytest.raises(ValueError, match="set data.init_args.shuffle: false"):
+        trainer.fit(module, datamodule=dm)
+    assert module.seen == []

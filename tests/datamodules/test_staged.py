@@ -86,3 +86,45 @@ def test_resume_at_any_micro_batch_and_workers_give_the_same_batches(tmp_path):
     with pytest.raises(ValueError, match="resume with the same stages"):
         state = StagedLoader(dm, SEGMENTS, 10, 0, 1).state_dict()
         edited.load_state_dict({**state, "next_batch": 5})
+
+
+@pytest.mark.parametrize("passkey", [False, True])
+def test_a_mixture_of_sources_continues_each_source_where_it_stopped(tmp_path, passkey):
+    """Two sources blended 2:1 (letters, digits: a row's source is visible in its bytes), with passkey rows mixed in
+    or not: across the switches each source's rows, in order, are a prefix of that source's own token stream."""
+    import json
+
+    from lit_longctx.datamodules import TextData
+    from lit_longctx.datamodules.passkey import PasskeyMixData
+
+    letters, digits = tmp_path / "letters.jsonl", tmp_path / "digits.jsonl"
+    letters.write_text("".join(json.dumps({"text": "abcdefghij"[i % 10] * (150 + i)}) + "\n" for i in range(100)))
+    digits.write_text("".join(json.dumps({"text": "0123456789"[i % 10] * (130 + i)}) + "\n" for i in range(100)))
+    common = dict(sources=[{"path": str(letters), "weight": 2.0}, {"path": str(digits), "weight": 1.0}],
+                  tokenizer="byte", seq_len=300, batch_size=4, shuffle=False, val_fraction=0.0,
+                  cache_dir=str(tmp_path / "cache"))  # passkey prompts need ~260 byte tokens
+    dm = PasskeyMixData(**common, passkey_fraction=0.25, passkey_lengths=(280, 301)) if passkey else TextData(**common)
+    dm.setup("fit")
+    segments = [Segment(0, 300, 4), Segment(3, 600, 2), Segment(7, 1200, 1)]
+    loader = StagedLoader(dm, segments, 10, 0, 1)
+    by_source: dict[str, list[torch.Tensor]] = {"letters": [], "digits": []}
+    shapes = []
+    for batch in loader:
+        shapes.append(tuple(batch["input_ids"].shape))
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            row = torch.cat([ids, labels[-1:]])
+            text = bytes(t for t in row.tolist() if 32 <= t < 127).decode()
+            if text and text.strip("abcdefghij") == "":
+                by_source["letters"].append(row)
+            elif text and text.strip("0123456789") == "":
+                by_source["digits"].append(row)
+    assert shapes == [(4, 300)] * 3 + [(2, 600)] * 4 + [(1, 1200)] * 3
+    for i, name in enumerate(("letters", "digits")):
+        stream = torch.cat(by_source[name])
+        source = dm.open()[i]["train"]
+        assert stream.numel() < source.num_tokens  # no wrap-around: a prefix is the right oracle
+        expected = torch.from_numpy(np.asarray(source.tokens[: stream.numel()], dtype=np.int64))
+        assert torch.equal(stream, expected), name
+    assert len(by_source["letters"]) > len(by_source["digits"]) > 3
+    positions = loader.token_offset(2)
+    assert isinstance(positions, tuple) and len(positions) == 2  # one stream position per source
