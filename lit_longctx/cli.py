@@ -423,6 +423,11 @@ def run_with_one_line_errors(call: Callable[[], Any], argv: list[str] | None = N
     command line, lets a YAML syntax error name its file."""
     try:
         return call()
+    except KeyboardInterrupt:  # Ctrl-C before training started (imports, parsing, loading): nothing to save
+        if os.environ.get("LIT_LONGCTX_DEBUG"):
+            raise
+        print("lit-longctx: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:
         line = None if os.environ.get("LIT_LONGCTX_DEBUG") else _one_line(exc, list(argv or []))
         if line is None:
@@ -450,6 +455,8 @@ def _evaluate() -> Any:
     from lit_longctx.eval.evaluate import evaluate
 
     return evaluate
+
+
 def _serve() -> Any:
     from lit_longctx.serve import serve
 
@@ -488,6 +495,7 @@ def console_main() -> None:
     """The ``lit-longctx`` console script: :func:`main` without its return value, which the script wrapper would hand
     to ``sys.exit`` (printing it and exiting with status 1)."""
     main()
+
 
 if __name__ == "__main__":
     console_main()

@@ -328,6 +328,19 @@ def test_ctrl_c_saves_the_current_step_and_the_resumed_run_is_bit_equal(tmp_path
         assert torch.equal(resumed[k], v), k
 
 
+def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, corpus):
+    """Interrupted while it imports and parses (half a second in: torch alone takes longer to import), nothing has
+    trained, so nothing is saved: one line, exit status 130, no traceback."""
+    config = write_config(tmp_path / "tiny.yaml", tmp_path / "run", corpus)
+    proc = lit_longctx("fit", "--config", str(config), "--trainer.max_steps=2")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    code, err = finished(proc)
+    assert code == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "lit-longctx: interrupted"
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------------- one-line errors
 @pytest.mark.slow
 def test_negative_max_steps(trained):
