@@ -75,8 +75,12 @@ def test_bar_counts_optimizer_steps_and_shows_small_learning_rates(tmp_path, mon
     install(trainer)
     bar = trainer.progress_bar_callback
     ends = []
-    monkeypatch.setattr(type(bar), "on_train_end", lambda self, *a: ends.append(
-        (self.train_progress_bar.n, self.train_progress_bar.total, self.train_progress_bar.desc)))
+
+    def on_train_end(self, *args):
+        ends.append((self.train_progress_bar.n, self.train_progress_bar.total, self.train_progress_bar.desc))
+        self.train_progress_bar.close()
+
+    monkeypatch.setattr(type(bar), "on_train_end", on_train_end)
     module = CausalLM(model={"vocab_size": 97, "dim": 16, "n_layers": 1, "n_heads": 2, "ffn_dim": 32,
                              "max_seq_len": 16}, learning_rate=3e-5, lr_schedule="constant")
     trainer.fit(module, datamodule=dm)
