@@ -9,7 +9,8 @@ The LoLCATs recipe (spec §3 "Data"; reference ``src/dataloaders/alpaca_clean.py
   ``input_ids[t]``, i.e. the token at t+1), ``labels[t] = -100`` wherever token t+1 belongs to a prompt;
 - all records are concatenated into one stream and cut into consecutive rows of T tokens (row r holds tokens
   rT..rT+T-1 and their targets rT+1..rT+T, so no target is lost at row ends; the incomplete tail is dropped), with no
-  separator beyond BOS/EOS and positions 0..T-1; rows whose labels are all -100 are dropped;
+  separator beyond BOS/EOS and positions 0..T-1; rows whose labels are all -100 are dropped; under a context schedule
+  (``shuffle: false``) each stage cuts its rows of its own T from where the previous stage's last row ended;
 - the first ``val_samples`` records (200) are the validation (and test) split, packed the same way; the rest train,
   in a seeded order per epoch through the base's :class:`SampleStream` (resumable, sharded across ranks).
 
@@ -138,13 +139,16 @@ class PackedRows:
         ids: (N,) token stream.
         is_target: (N,) True where a token is a training target (response and EOS).
         seq_len: T.
+        offset: the first row starts at this token (a context schedule's stage continues where the last one
+            stopped); rows are cut from there to the end of the stream.
     """
 
-    def __init__(self, ids: np.ndarray, is_target: np.ndarray, seq_len: int) -> None:
-        self.ids, self.is_target, self.seq_len = ids, is_target, seq_len
-        n_rows = max(0, (len(ids) - 1) // seq_len)
-        starts = np.arange(n_rows, dtype=np.int64) * seq_len
-        targets = is_target[1: n_rows * seq_len + 1].reshape(n_rows, seq_len) if n_rows else np.zeros((0, seq_len))
+    def __init__(self, ids: np.ndarray, is_target: np.ndarray, seq_len: int, offset: int = 0) -> None:
+        self.ids, self.is_target, self.seq_len, self.offset = ids, is_target, seq_len, offset
+        n_rows = max(0, (len(ids) - 1 - offset) // seq_len)
+        starts = offset + np.arange(n_rows, dtype=np.int64) * seq_len
+        end = offset + n_rows * seq_len
+        targets = is_target[offset + 1: end + 1].reshape(n_rows, seq_len) if n_rows else np.zeros((0, seq_len))
         self.starts = starts[targets.any(axis=1)]  # rows with at least one response target
 
     def __len__(self) -> int:
@@ -171,6 +175,14 @@ class PackedRowStream(SampleStream):
 
     def get_sample(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         return self.rows.row(index)
+
+    def stream_tokens(self, rows: int) -> int:
+        """Tokens from the first row's start to the end of the ``rows``-th row read (in order; past the last row the
+        stage starts over at its first), so the next stage of a context schedule starts right after it."""
+        if rows == 0:
+            return 0
+        last = int(self.rows.starts[(rows - 1) % len(self.rows)])
+        return last + self.rows.seq_len - self.rows.offset
 
 
 class PackedRowDataset(Dataset):
@@ -316,6 +328,21 @@ class InstructData(LongCtxDataModule):
             raise ValueError(f"{self.path}: the {len(ids)} training tokens give no row of seq_len={self.seq_len} with "
                              "a response token; lower seq_len or add records")
         return PackedRowStream(rows, self.seed, self.shuffle)
+
+    def stage_stream(self, seq_len: int, token_offset: int) -> PackedRowStream:
+        """Rows of ``seq_len`` packed from ``token_offset`` on, in order (context schedules); a stage that finds no
+        row with a response left there starts a new pass at the first token."""
+        if self.shuffle:
+            raise ValueError("a context schedule re-cuts the packed rows at the new length from where the last stage "
+                             "stopped, which needs them read in order: set data.init_args.shuffle: false")
+        ids, mask = self.streams()["train"]
+        rows = PackedRows(ids, mask, seq_len, token_offset)
+        if len(rows) == 0:
+            rows = PackedRows(ids, mask, seq_len)
+        if len(rows) == 0:
+            raise ValueError(f"{self.path}: the {len(ids)} training tokens give no row of seq_len={seq_len} with a "
+                             "response token; lower the stage's seq_len or add records")
+        return PackedRowStream(rows, self.seed, shuffle=False)
 
     def val_dataset(self) -> PackedRowDataset | None:
         rows = self.packed("val")

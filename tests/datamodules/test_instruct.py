@@ -177,3 +177,39 @@ def test_unreachable_hub_dataset_is_one_clear_error(tmp_path):
     dm = InstructData("hf:nobody/no-such-alpaca", tokenizer="byte", cache_dir=str(tmp_path))
     with pytest.raises(ConnectionError, match="cannot load hub dataset 'nobody/no-such-alpaca'"):
         dm.setup("fit")
+
+
+def test_context_schedule_stages_continue_the_packed_stream(tmp_path):
+    """Stages of T = 48 (B 2), 96 (B 1), 24 (B 4): each stage's rows start where the last stage's last row ended, every
+    row is the file's tokens at its start (expected_stream, written independently), no token is a target twice."""
+    from lit_longctx.datamodules.staged import Segment, StagedLoader
+
+    dm = data(tmp_path, shuffle=False, seq_len=48)
+    ids, target = expected_stream(records()[8:])
+    segments = [Segment(0, 48, 2), Segment(3, 96, 1), Segment(6, 24, 4)]
+    batches = list(StagedLoader(dm, segments, 9, 0, 1))
+    # the reference cut: consecutive rows of each stage's T from the stage's start, rows without a target skipped
+    expected, start = [], 0
+    for seg, n in zip(segments, (6, 3, 12)):
+        got = 0
+        while got < n:
+            t = seg.seq_len
+            if any(target[start + 1: start + t + 1]):
+                expected.append((start, t))
+                got += 1
+            start += t
+    rows = [(ids_row, labels_row) for b in batches for ids_row, labels_row in zip(b["input_ids"], b["labels"])]
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 48)] * 3 + [(1, 96)] * 3 + [(4, 24)] * 3
+    assert len(rows) == len(expected)
+    targets_seen = []
+    for (row, labels), (s, t) in zip(rows, expected):
+        assert row.tolist() == ids[s: s + t]
+        keep = [j for j in range(t) if target[s + j + 1]]
+        assert [j for j in range(t) if labels[j] != -100] == keep
+        targets_seen += [s + j + 1 for j in keep]
+    assert len(targets_seen) == len(set(targets_seen))
+
+
+def test_context_schedule_needs_the_rows_in_order(tmp_path):
+    with pytest.raises(ValueError, match="set data.init_args.shuffle: false"):
+        data(tmp_path, shuffle=True).stage_stream(48, 0)
