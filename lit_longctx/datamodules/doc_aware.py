@@ -131,6 +131,14 @@ class PasskeyDocumentStream(SampleStream):
             raise ValueError(f"unknown passkey_labels {labels!r}: use 'all' (every token) or 'answer' (answer only)")
         self.documents, self._num_samples, self.labels = documents, max(1, num_samples), labels
         self.mean_length = sum(documents.lengths) / 2
+        self.base_lengths = documents.lengths
+
+    def scale_lengths(self, factor: float) -> None:
+        """Documents from now on are ``factor`` times the configured lengths (a context schedule's stage of
+        ``factor`` times the first stage's T: the needle stays as many windows back); shorter stages keep them."""
+        low, high = self.base_lengths
+        f = max(1.0, factor)
+        self.documents.lengths = (round(low * f), round(high * f))
 
     @property
     def num_samples(self) -> int:
@@ -176,6 +184,10 @@ def shape_pipeline(pipeline: DocAware | KPacking | Linear, segments: list[Segmen
     seg = segment_at(segments, batch)
     if (pipeline.batch_size, pipeline.seq_len) != (seg.batch_size, seg.seq_len):
         pipeline.restage(seg.batch_size, seg.seq_len)
+    mixture = getattr(pipeline.stream.source, "stream", None)  # a DocumentShard of DocAwareData's documents
+    for component in getattr(mixture, "components", []):
+        if isinstance(component, PasskeyDocumentStream):
+            component.scale_lengths(seg.seq_len / segments[0].seq_len)
 
 
 def _gather_states(rank: int, state: dict[str, Any]) -> dict[int, dict[str, Any]]:

@@ -112,11 +112,11 @@ class Recorder(FoT):
         return super().training_step(batch, batch_idx)
 
 
-def fit(corpus, root, steps=6, ckpt_path=None, every=0, stages=STAGES):
+def fit(corpus, root, steps=6, ckpt_path=None, every=0, stages=STAGES, **data):
     torch.manual_seed(0)
     module = Recorder()
     dm = DocAwareData(sources=[str(corpus)], tokenizer="byte", seq_len=16, batch_size=4, data_pipeline="doc_aware_k2",
-                      cache_dir=str(root.parent / "cache"), val_docs=2, shuffle=True)
+                      cache_dir=str(root.parent / "cache"), val_docs=2, shuffle=True, **data)
     callbacks = [ContextSchedule(stages)]
     if every:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=every,
@@ -150,9 +150,12 @@ def test_fot_schedule_restages_the_document_pipeline(corpus, tmp_path):
                            ids[1::2, 0][seen["labels"][0::2, -1] != -100])
 
 
+PASSKEY = dict(passkey_fraction=0.5, passkey_lengths=(300, 330))
+
+
 def test_fot_schedule_resumes_inside_stage_two_bit_exactly(corpus, tmp_path):
-    full, _ = fit(corpus, tmp_path / "full", every=1)
-    resumed, _ = fit(corpus, tmp_path / "resumed", ckpt_path=tmp_path / "full" / "ckpt" / "step=3.ckpt")
+    full, _ = fit(corpus, tmp_path / "full", every=1, **PASSKEY)
+    resumed, _ = fit(corpus, tmp_path / "resumed", ckpt_path=tmp_path / "full" / "ckpt" / "step=3.ckpt", **PASSKEY)
     tail = [s for s in full.seen if s["step"] >= 3]
     assert len(resumed.seen) == len(tail)
     assert all(torch.equal(a["ids"], b["ids"]) for a, b in zip(resumed.seen, tail))
@@ -175,3 +178,32 @@ def test_stage_micro_batch_that_splits_a_pack_is_refused(corpus, tmp_path, metho
     with pytest.raises(ValueError, match="micro_batch=3 is not divisible by k=2 of data_pipeline='doc_aware_k2'"):
         trainer.fit(module, datamodule=dm)
     assert not getattr(module, "seen", [])
+
+
+def test_passkey_documents_grow_with_the_stage(corpus, tmp_path, monkeypatch):
+    """Passkey documents read in a stage of twice the first stage's T are twice the configured lengths (the needle
+    stays as many windows back); a later stage back at the first T reads the configured lengths again."""
+    from lit_longctx.datamodules.passkey import PasskeyDocuments
+    from lit_longctx.datamodules.staged import Segment
+
+    made = []
+    record = PasskeyDocuments.record
+
+    def logged(self, index):
+        doc = record(self, index)
+        made.append((len(batches), self.lengths, len(doc.input_ids)))  # made while producing the next batch
+        return doc
+
+    monkeypatch.setattr(PasskeyDocuments, "record", logged)
+    dm = DocAwareData(sources=[str(corpus)], tokenizer="byte", seq_len=16, batch_size=4, data_pipeline="doc_aware_k2",
+                      cache_dir=str(tmp_path / "cache"), val_docs=2, **PASSKEY)
+    dm.setup("fit")
+    dm.set_stages([Segment(0, 16, 4), Segment(40, 32, 2), Segment(80, 16, 4)], 120)
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append(batch["input_ids"].shape)
+    assert len(batches) == 120
+    expected = {0: (300, 330), 40: (600, 660), 80: (300, 330)}
+    for index, lengths, n in made:
+        assert lengths == expected[max(k for k in expected if k <= index)] and lengths[0] <= n <= lengths[1]
+    assert {lengths for _, lengths, _ in made} == {(300, 330), (600, 660)}
