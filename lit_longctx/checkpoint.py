@@ -126,6 +126,9 @@ def _torch_load(f: str | os.PathLike | io.BytesIO) -> dict[str, Any]:
 def _from_dcp(directory: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    from lit_longctx.dcp import verify
+
+    verify(directory)  # torch unpickles its metadata and values unchecked: prove them plain data first
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "consolidated.pt"
         dcp_to_torch_save(directory, out)

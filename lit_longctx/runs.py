@@ -70,6 +70,9 @@ def _read(path: Path) -> dict[str, Any]:
 def check_checkpoint_file(path: Path, method: str) -> None:
     """``path`` is a Lightning checkpoint written by ``lit-longctx fit`` for ``method``, else a CheckpointError."""
     if path.is_dir():  # a distributed checkpoint (FSDP2 / ModelParallel): its meta.pt carries the method
+        from lit_longctx.dcp import verify
+
+        verify(path)  # torch unpickles its metadata and values unchecked: prove them plain data first
         found = checkpoint_config(path)
         if found is not None and found[1] != method:
             raise _method_error(path, found[1], method)

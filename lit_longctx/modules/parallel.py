@@ -148,4 +148,8 @@ class FSDP2Strategy(ModelParallelStrategy):
                 localize(path)
             self.barrier("remote_checkpoint_cached")
             checkpoint_path = localize(path)  # already cached: only compares sizes and ETags
+        if Path(checkpoint_path).is_dir():
+            from lit_longctx.dcp import verify
+
+            verify(checkpoint_path)  # torch unpickles its metadata and values unchecked: prove them plain data first
         return super().load_checkpoint(checkpoint_path, weights_only)
