@@ -3,8 +3,9 @@
 A LoRA adapter (Hu et al. 2021) adds ``scaling · B A`` to a frozen weight W₀; training keeps the three tensors under
 PEFT's names (``X.base_layer.weight``, ``X.lora_A.<adapter>.weight``, ``X.lora_B.<adapter>.weight``), and readers
 (export, generate, evaluation, ``init_from``) see only the merged ``X.weight``. Checkpoints with adapters record
-``extra["lora"] = {"scaling": ..., ...}`` (``--model.lora``, LoLCATs stage 2); this module registers the checkpoint
-state hook that merges them (:func:`lit_longctx.checkpoint.register_state_hook`), so no reader knows LoRA by name.
+``extra["lora"] = {"scaling": ..., ...}`` (``--model.lora``, LoLCATs stage 2); this module declares the checkpoint
+state hook that merges them (:data:`CHECKPOINT_STATE_HOOKS`, registered by ``lit_longctx.checkpoint`` on its first
+read), so no reader knows LoRA by name and ``nn`` imports nothing above it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from lit_longctx.checkpoint import register_state_hook
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -47,4 +46,5 @@ def merge_lora_extra(state: dict[str, torch.Tensor], record: dict[str, Any]) -> 
     return merge_lora_state(state, record["scaling"])
 
 
-register_state_hook("lora", merge_lora_extra)
+#: ``extra`` key -> state hook, for :func:`lit_longctx.checkpoint.register_state_hook`
+CHECKPOINT_STATE_HOOKS = {"lora": merge_lora_extra}
