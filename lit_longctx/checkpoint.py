@@ -8,15 +8,21 @@
 - a run directory (the newest ``last.ckpt`` below it).
 Everything is loaded with ``weights_only=True`` (or safetensors). Tokenizer files travel inside lit-longctx and
 Lightning checkpoints, so a checkpoint alone is enough to generate text.
+
+This module knows no method by name. Methods fill two registries at import: :func:`register_method` (method name ->
+LightningModule class path, and the methods whose checkpoints it starts from) and :func:`register_state_hook` (an
+``extra`` entry whose reader turns the stored tensors into the model's plain weights, e.g. merging LoRA adapters).
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib
 import io
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,23 +33,66 @@ from lit_longctx.hf import CheckpointError, load_weights, read_hf_dir
 from lit_longctx.io import atomic_write
 from lit_longctx.nn.config import ModelConfig
 from lit_longctx.nn.llama import Transformer
-from lit_longctx.nn.lora import merge_lora_state
 from lit_longctx.storage import is_remote, localize_checkpoint, newest_last_checkpoint
 from lit_longctx.tokenizers import Tokenizer, load_tokenizer
 
 FORMAT = "lit-longctx/1"
 
-#: method name (``CausalLM.method``) -> LightningModule class path, for messages and the converters
-METHODS: dict[str, str] = {
-    "causal": "lit_longctx.modules.CausalLM",
-    "fot": "lit_longctx.modules.FoT",
-    "landmark": "lit_longctx.modules.Landmark",
-    "lolcats_transfer": "lit_longctx.modules.AttentionTransfer",
-    "lolcats_lora": "lit_longctx.modules.LinearizedLoRA",
-}
+#: method name (``CausalLM.method``) -> LightningModule class path, for messages and the converters; filled by
+#: :func:`register_method` when the method modules are imported (:func:`known_methods` imports them)
+METHODS: dict[str, str] = {}
 
-#: method -> methods whose checkpoints it starts from (LoLCATs stage 2 starts from stage 1)
-FOLLOWS: dict[str, tuple[str, ...]] = {"lolcats_lora": ("lolcats_transfer",)}
+#: method -> methods whose checkpoints it starts from (e.g. LoLCATs stage 2 starts from stage 1)
+FOLLOWS: dict[str, tuple[str, ...]] = {}
+
+#: a state hook: (state dict, the ``extra`` entry it is registered for) -> the state dict readers see
+StateHook = Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+_STATE_HOOKS: dict[str, StateHook] = {}
+
+#: modules declaring ``CHECKPOINT_STATE_HOOKS`` (extra key -> hook), registered by the first read; they must stay light
+#: (no Lightning: ``generate`` and ``serve`` read checkpoints without importing it) and need not import this module
+_STATE_HOOK_MODULES = ("lit_longctx.nn.lora",)
+#: the package whose import registers every built-in method (imports Lightning: only when a method is looked up)
+_METHOD_PACKAGE = "lit_longctx.modules"
+
+
+def register_method(method: str, class_path: str, follows: tuple[str, ...] = ()) -> None:
+    """Record ``method``'s LightningModule class path and the methods whose checkpoints it may start from."""
+    if METHODS.get(method, class_path) != class_path:
+        raise ValueError(f"checkpoint method {method!r} is already registered as {METHODS[method]}")
+    METHODS[method] = class_path
+    if follows:
+        FOLLOWS[method] = tuple(follows)
+
+
+def known_methods() -> dict[str, str]:
+    """Every registered method -> class path, after importing the built-in method modules."""
+    importlib.import_module(_METHOD_PACKAGE)
+    return METHODS
+
+
+def register_state_hook(key: str, hook: StateHook) -> None:
+    """Readers pop ``extra[key]`` from a checkpoint and pass the state dict through ``hook(state, extra[key])``.
+
+    A checkpoint whose weights need a hook is read with an empty state dict under ``with_weights=False`` (never the
+    stored tensors unconverted).
+    """
+    if _STATE_HOOKS.get(key, hook) is not hook:
+        raise ValueError(f"a checkpoint state hook for extra[{key!r}] is already registered")
+    _STATE_HOOKS[key] = hook
+
+
+def _apply_state_hooks(
+    state: dict[str, torch.Tensor], extra: dict[str, Any], with_weights: bool
+) -> dict[str, torch.Tensor]:
+    """Run the registered hooks of the entries in ``extra`` (popped from it) over ``state``."""
+    for module in _STATE_HOOK_MODULES:
+        for key, hook in importlib.import_module(module).CHECKPOINT_STATE_HOOKS.items():
+            register_state_hook(key, hook)
+    for key in [k for k in extra if k in _STATE_HOOKS]:
+        value = extra.pop(key)
+        state = _STATE_HOOKS[key](state, value) if with_weights else {}
+    return state
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json")
@@ -143,8 +192,7 @@ def _from_dcp(directory: Path) -> dict[str, Any]:
 def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> LoadedCheckpoint:
     if ckpt.get("format") == FORMAT:
         state, extra = ckpt["state_dict"], dict(ckpt.get("extra", {}))
-        if "lora" in extra:  # kept LoRA adapters (convert from-lolcats --keep_lora) are merged for every reader
-            state = merge_lora_state(state, extra.pop("lora")["scaling"]) if with_weights else {}
+        state = _apply_state_hooks(state, extra, with_weights)  # every reader sees the model's plain weights
         return LoadedCheckpoint(ModelConfig.from_dict(ckpt["model_config"]), state, ckpt.get("method", "causal"),
                                 ckpt.get("tokenizer_files", {}), extra, source)
     meta = ckpt.get("lit_longctx")
@@ -152,9 +200,7 @@ def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> 
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         extra = dict(meta.get("extra", {}))
-        if "lora" in extra:  # LoRA adapters (--model.lora, LoLCATs stage 2) are merged: readers see plain weights
-            lora = extra.pop("lora")
-            state = merge_lora_state(state, lora["scaling"]) if with_weights else {}
+        state = _apply_state_hooks(state, extra, with_weights)  # every reader sees the model's plain weights
         return LoadedCheckpoint(ModelConfig.from_dict(meta["model_config"]), state, meta.get("method", "causal"),
                                 meta.get("tokenizer_files", {}), extra, source)
     keys = sorted(ckpt)[:10]
@@ -233,11 +279,12 @@ def check_method(loaded: LoadedCheckpoint, expected: str | None) -> None:
     if expected == "causal" or loaded.method == "causal":
         # plain LLaMA weights load into any method, and any method's LLaMA weights load as plain LLaMA
         return
+    methods = known_methods()
     if loaded.method in FOLLOWS.get(expected, ()):
         return
     raise CheckpointError(
         f"{loaded.source} is a checkpoint of method {loaded.method!r}, but it is being loaded by method "
-        f"{expected!r}; use --model.class_path {METHODS.get(loaded.method, loaded.method)} (or export it with "
+        f"{expected!r}; use --model.class_path {methods.get(loaded.method, loaded.method)} (or export it with "
         "`lit-longctx convert to-hf` and start from the plain LLaMA weights)"
     )
 

@@ -16,15 +16,16 @@ from typing import Any
 
 import torch
 
-from lit_longctx.checkpoint import METHODS, LoadedCheckpoint, load_model
+from lit_longctx.checkpoint import LoadedCheckpoint, known_methods, load_model
 from lit_longctx.hf import to_hf
 from lit_longctx.nn.llama import Transformer
 
 
 def method_class(method: str) -> type:
-    path = METHODS.get(method)
+    methods = known_methods()
+    path = methods.get(method)
     if path is None:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(methods)}")
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 

@@ -27,7 +27,14 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from lit_longctx.checkpoint import METHODS, check_method, read_checkpoint, tokenizer_from_files, tokenizer_to_files
+from lit_longctx.checkpoint import (
+    METHODS,
+    check_method,
+    read_checkpoint,
+    register_method,
+    tokenizer_from_files,
+    tokenizer_to_files,
+)
 from lit_longctx.hf import CheckpointError, load_weights
 from lit_longctx.modules.parallel import apply_parallelism, is_deepspeed, is_fsdp1, is_fsdp2
 from lit_longctx.nn.config import ConfigError, ModelConfig, resolve_model_config
@@ -584,3 +591,6 @@ class CausalLM(L.LightningModule):
         Tensors beyond plain LLaMA and the attention layout are exported generically (``lit_longctx.export``).
         """
         return {}
+
+
+register_method(CausalLM.method, "lit_longctx.modules.CausalLM")

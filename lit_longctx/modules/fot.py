@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from lit_longctx.checkpoint import register_method
 from lit_longctx.modules.causal_lm import CausalLM
 from lit_longctx.nn.attention.fot import (
     LAYOUT_KEY,
@@ -250,3 +251,6 @@ class FoT(CausalLM):
     def hf_config_extras(cls, config: ModelConfig) -> dict[str, Any]:
         """LongLLaMA's and the JAX code's memory keys (``mem_layers``, ``last_context_length``, ``mem_dtype``, ...)."""
         return longllama_config(config)
+
+
+register_method(FoT.method, "lit_longctx.modules.FoT")

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from lit_longctx.checkpoint import tokenizer_to_files
+from lit_longctx.checkpoint import register_method, tokenizer_to_files
 from lit_longctx.datamodules.landmark import LANDMARK_PIECE, LandmarkData, landmark_token_id
 from lit_longctx.hf import CheckpointError
 from lit_longctx.modules.causal_lm import CausalLM
@@ -218,3 +218,6 @@ class Landmark(CausalLM):
         return {"mem_id": opts.landmark_id, "mem_freq": opts.mem_freq,
                 "train_context_length": opts.train_context_length,
                 "include_landmark_in_loss": opts.include_landmark_in_loss}
+
+
+register_method(Landmark.method, "lit_longctx.modules.Landmark")

@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lit_longctx.checkpoint import register_method
 from lit_longctx.hf import CheckpointError
 from lit_longctx.modules.causal_lm import CausalLM
 from lit_longctx.nn.attention import build_attention
@@ -472,3 +473,8 @@ class LinearizedLoRA(_LinearizedLM):
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_longctx"]["extra"] = {"lora": {"scaling": self.lora_scaling, "r": self.hparams.lora_r,
                                                        "targets": self.lora_targets}}
+
+
+register_method(AttentionTransfer.method, "lit_longctx.modules.AttentionTransfer")
+# stage 2 starts from stage-1 checkpoints
+register_method(LinearizedLoRA.method, "lit_longctx.modules.LinearizedLoRA", follows=(AttentionTransfer.method,))

@@ -1,11 +1,16 @@
-"""Folding LoRA adapters into plain weights (pure tensor math, used by every checkpoint reader and exporter).
+"""Folding LoRA adapters into plain weights (tensor math, used by every checkpoint reader and exporter).
 
 A LoRA adapter (Hu et al. 2021) adds ``scaling · B A`` to a frozen weight W₀; training keeps the three tensors under
 PEFT's names (``X.base_layer.weight``, ``X.lora_A.<adapter>.weight``, ``X.lora_B.<adapter>.weight``), and readers
-(export, generate, evaluation, ``init_from``) see only the merged ``X.weight``.
+(export, generate, evaluation, ``init_from``) see only the merged ``X.weight``. Checkpoints with adapters record
+``extra["lora"] = {"scaling": ..., ...}`` (``--model.lora``, LoLCATs stage 2); this module declares the checkpoint
+state hook that merges them (:data:`CHECKPOINT_STATE_HOOKS`, registered by ``lit_longctx.checkpoint`` on its first
+read), so no reader knows LoRA by name and ``nn`` imports nothing above it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -34,3 +39,12 @@ def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str
         delta = ab["B"].float() @ ab["A"].float()  # (out, r) @ (r, in)
         out[name] = (base.float() + scaling * delta).to(base.dtype)
     return out
+
+
+def merge_lora_extra(state: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint state hook of ``extra["lora"]``: merge the adapters with the recorded scaling."""
+    return merge_lora_state(state, record["scaling"])
+
+
+#: ``extra`` key -> state hook, for :func:`lit_longctx.checkpoint.register_state_hook`
+CHECKPOINT_STATE_HOOKS = {"lora": merge_lora_extra}
