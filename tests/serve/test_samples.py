@@ -57,8 +57,8 @@ def alone(model, ids: list[int], max_new: int, seed: int | None, **sampling) -> 
 
 
 def forwards(lengths: list[int], max_new: int) -> int:
-    """Forwards of a batch whose longest row got ``max(lengths)`` tokens: the prefill, then one step per token
-    but after the last one (a row that stopped at EOS was stepped once more: its EOS was drawn from a step's logits)."""
+    """Forwards of a batch whose rows got ``lengths`` tokens: the prefill, then one step per token of the longest row
+    -- none after the ``max_new``-th token (a row that stopped at EOS drew it from the step after its last token)."""
     longest = max(lengths)
     return 1 + (max_new - 1 if longest == max_new else longest)
 
