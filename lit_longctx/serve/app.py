@@ -2,9 +2,10 @@
 
 Requests that use the model are admitted up to ``max_concurrent`` (beyond: 429) and queue for the single model
 worker (:mod:`lit_longctx.serve.engine`, which decodes queued single-sample generations together as padded
-batches); each has ``request_timeout`` seconds from admission (beyond: 504, and its work is cancelled). A client
-that closes its connection cancels its request: the worker stops at the next forward (a batched row: at its next
-token) and drops the session. Bodies above ``max_body_bytes`` get 413 before they are read in full.
+batches, and the n samples of one request as rows of one batch); each has ``request_timeout`` seconds from
+admission (beyond: 504, and its work is cancelled). A client that closes its connection cancels its request: the
+worker stops at the next forward (a batched row: at its next token) and drops the session. Bodies above
+``max_body_bytes`` get 413 before they are read in full.
 """
 
 from __future__ import annotations
@@ -208,7 +209,12 @@ def build_app(engine: Engine, limits: Limits) -> FastAPI:
 
     def sse(chunks: Callable[[int, str | None, str | None, bool], dict], ids: list[int], params: SampleParams,
             n_prompt: int) -> StreamingResponse:
-        """Stream OpenAI chunks as server-sent events; ``chunks(index, text, finish, first)`` builds one."""
+        """Stream OpenAI chunks as server-sent events; ``chunks(index, text, finish, first)`` builds one.
+
+        One chunk per generated token, in the order the worker produces them (the n samples decode together, so
+        each step has a chunk for every choice still open, in index order); then every choice's finishing chunk
+        (its ``finish_reason``) in index order, the last one with ``usage``; then ``[DONE]``.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()

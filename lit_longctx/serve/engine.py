@@ -7,9 +7,15 @@ and decoded with one ``session.step`` per token for the whole batch; each row sa
 feeds its own stream (a row that finished -- EOS, its max tokens, cancelled, timed out -- is stepped along and
 ignored until all rows are done). Each row of a padded batch equals that row run alone (docs/CONTRACTS.md), so a
 served greedy completion equals ``generate()`` token for token, and FoT's memory, landmark retrieval and LoLCATs'
-constant-size state are what answers a long prompt. Multi-sample requests and embeddings run alone, and so do the
-jobs of a batch whose session refuses the padded prefill with a ValueError (LoLCATs terrace decoding, a prompt split
-over prefill chunks): they then run one by one, ``session_for(model, 1).prefill(prompt)`` and ``step``.
+constant-size state are what answers a long prompt. Embeddings run alone, and so do the jobs of a batch whose
+session refuses the padded prefill with a ValueError (LoLCATs terrace decoding, a prompt split over prefill chunks):
+they then run one by one, ``session_for(model, 1).prefill(prompt)`` and ``step``.
+
+A multi-sample request (``num_samples`` / ``n`` > 1) runs as its own job, its samples decoded together as the rows of
+one batch (the prompt repeated, so no padding), up to ``max_batch`` rows at a time; sample i samples with its own
+generator seeded ``seed + i`` (:func:`sample_seeds`), so its tokens do not depend on the other samples, on
+``max_batch`` or on whether the session could batch them (a session that refuses the batched prefill with a
+ValueError gets the samples one by one).
 
 Cancellation: a forward pre-hook on the model raises :class:`Cancelled` when the running request's cancel event is
 set (client gone, timeout) -- for a batch, when every row's is -- so even a long chunked prefill stops at the next
@@ -68,6 +74,9 @@ class Stats:
     batches: int = 0  # padded batches of more than one request run
     largest_batch: int = 0  # most requests decoded together in one session
     batched_forwards: int = 0  # forwards (prefill chunks and steps) over a batch of more than one request
+    sample_batches: int = 0  # batches of more than one sample of a multi-sample request run
+    largest_sample_batch: int = 0  # most samples of one request decoded together
+    sample_forwards: int = 0  # forwards (prefill chunks and steps) over such a batch
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +113,12 @@ class _AllCancelled:
 
 class Unbatchable(Exception):
     """The session refused the padded batch at prefill (its ValueError is the cause); run the rows one by one."""
+
+
+def sample_seeds(seed: int | None, num_samples: int) -> list[int | None]:
+    """The seed of each sample of a request: ``seed + i`` for sample i (sample 0 is the single-sample request with
+    the same seed; as vLLM seeds the n choices of a request), or None (fresh randomness) for every sample."""
+    return [None if seed is None else seed + i for i in range(num_samples)]
 
 
 def prompt_limit(model: Any) -> int | None:
@@ -177,6 +192,7 @@ class Engine:
         self._cancel: threading.Event | _AllCancelled | None = None  # the running request's (or batch's)
         self._capture: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         self._ids: torch.Tensor | None = None
+        self._sample_rows = 0  # rows of the multi-sample batch being decoded (0: none)
         model.register_forward_pre_hook(self._before_forward)
         model.model.norm.register_forward_hook(self._after_norm)
         probe = session_for(model, 1, **self.session_kwargs)  # fails now (bad session options), not per request
@@ -191,6 +207,9 @@ class Engine:
         if self._ids is not None and self._ids.shape[0] > 1 and isinstance(self._cancel, _AllCancelled):
             with self.stats.lock:
                 self.stats.batched_forwards += 1
+        elif self._ids is not None and self._sample_rows > 1:
+            with self.stats.lock:
+                self.stats.sample_forwards += 1
 
     def _after_norm(self, module: Any, args: tuple, output: torch.Tensor) -> None:
         if self._capture is not None and self._ids is not None:
@@ -305,7 +324,7 @@ class Engine:
             for job in live:
                 self._run_one(job)
             return
-        generators = [self._generator(j.params) for j in live]
+        generators = [self._generator(j.params.seed) for j in live]
         ids, mask = left_pad([j.ids for j in live], self.pad_id, self.device)
         open_rows = set(range(len(live)))
         counts = [0] * len(live)
@@ -362,46 +381,88 @@ class Engine:
             self._free(session)
             del session
 
-    def _generator(self, params: SampleParams) -> torch.Generator:
+    def _generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
+        if seed is not None:
+            generator.manual_seed(seed)
         else:
             generator.seed()
         return generator
 
     # ------------------------------------------------------------------------------------------------ generation
     def stream(self, ids: list[int], params: SampleParams, cancel: threading.Event) -> Iterator[tuple[int, int]]:
-        """Yield (sample index, token id) for every generated token; samples run one after another.
+        """Yield (sample index, token id) for every generated token; stops at EOS (not yielded).
 
-        Sample i draws from one ``torch.Generator`` seeded with ``params.seed``, continued across samples (as
-        ``lit-longctx generate --num_samples``), so a seed reproduces all samples. Stops at EOS (not yielded).
+        The samples decode together, up to ``max_batch`` at a time, as rows of one batch (each step yields the
+        tokens of the rows still open, in sample order); sample i draws from its own ``torch.Generator`` seeded
+        with :func:`sample_seeds`, so a seed reproduces every sample whatever the batching. A session that refuses
+        the batched prefill (ValueError) decodes the samples one by one instead, with the same generators.
         """
-        generator = self._generator(params)
-        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self.stats.lock:
             self.stats.last_prompt_tokens = len(ids)
-        for sample in range(params.num_samples):
-            if params.max_new_tokens == 0:
+        if params.max_new_tokens == 0:
+            return
+        seeds = sample_seeds(params.seed, params.num_samples)
+        rows = max(1, self.max_batch)
+        start = 0
+        while start < params.num_samples:
+            samples = list(range(start, min(start + rows, params.num_samples)))
+            try:
+                yield from self._decode_samples(ids, params, samples, [seeds[s] for s in samples], cancel)
+            except Unbatchable:  # nothing was yielded for these samples: one by one from here on
+                rows = 1
                 continue
-            session = self.new_session()
+            start = samples[-1] + 1
+
+    def _decode_samples(self, ids: list[int], params: SampleParams, samples: list[int], seeds: list[int | None],
+                        cancel: threading.Event) -> Iterator[tuple[int, int]]:
+        """Decode ``samples`` of one prompt as the rows of one unpadded batch; raises :class:`Unbatchable` before
+        yielding anything when the session refuses a batch of more than one row at prefill."""
+        b = len(samples)
+        generators = [self._generator(seed) for seed in seeds]
+        prompt = torch.tensor([ids] * b, dtype=torch.long, device=self.device)
+        session = self.new_session(b)
+        self._sample_rows = b
+        try:
             try:
                 logits = session.prefill(prompt)
-                for i in range(params.max_new_tokens):
-                    if cancel.is_set():
-                        raise Cancelled()
-                    nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
-                    token = int(nxt[0])
+            except ValueError as e:
+                if b == 1:
+                    raise
+                raise Unbatchable() from e
+            if b > 1:
+                with self.stats.lock:
+                    self.stats.sample_batches += 1
+                    self.stats.largest_sample_batch = max(self.stats.largest_sample_batch, b)
+            open_rows = list(range(b))
+            for i in range(params.max_new_tokens):
+                if cancel.is_set():
+                    raise Cancelled()
+                nxt = torch.full((b, 1), self.pad_id, dtype=torch.long, device=self.device)
+                for row, token in zip(list(open_rows), self._pick(logits, open_rows, params, generators)):
                     if token in self.stop_ids:
-                        break
+                        open_rows.remove(row)
+                        continue
+                    nxt[row, 0] = token
                     with self.stats.lock:
                         self.stats.generated_tokens += 1
-                    yield sample, token
-                    if i < params.max_new_tokens - 1:
-                        logits = session.step(nxt.unsqueeze(1))
-            finally:
-                self._free(session)
-                del session
+                    yield samples[row], token
+                if not open_rows or i == params.max_new_tokens - 1:
+                    break
+                logits = session.step(nxt)  # finished rows are stepped along (a pad) and ignored
+        finally:
+            self._sample_rows = 0
+            self._free(session)
+            del session
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, rows: list[int], params: SampleParams,
+              generators: list[torch.Generator]) -> list[int]:
+        """The next token of each row in ``rows``, sampled from its logits with that row's generator."""
+        if params.temperature == 0:  # greedy draws nothing from the generators: one argmax for all rows
+            return logits[rows].argmax(dim=-1).tolist()
+        return [int(sample_next(logits[row : row + 1], params.temperature, params.top_k, params.top_p,
+                                generators[row])[0]) for row in rows]
 
     def embed(self, ids: list[int]) -> list[float]:
         """Mean over the prompt's tokens of the final-norm hidden states, L2-normalised (see README "Serving").

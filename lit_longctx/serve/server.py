@@ -27,7 +27,8 @@ def serve(
 
     Endpoints: POST /completions, /embeddings, /tokens, /v1/completions, /v1/chat/completions; GET /health,
     /v1/models, /. Requests run through the method's decoding session, queued up to --max_concurrent; queued
-    single-sample generations are decoded together as one left-padded batch of up to --max_batch.
+    single-sample generations are decoded together as one left-padded batch of up to --max_batch, and the samples
+    of a multi-sample request (num_samples / n) as rows of one batch, --max_batch at a time.
 
     Args:
         checkpoint: an HF directory, a lit-longctx checkpoint, a fit .ckpt or a run directory.
@@ -43,7 +44,8 @@ def serve(
         max_body_bytes: largest request body (413 beyond).
         max_concurrent: requests being served or queued at once (429 beyond).
         request_timeout: seconds a request may take from admission, queueing included (504 beyond).
-        max_batch: most queued single-sample generations decoded together in one padded batch (1 = one at a time).
+        max_batch: most queued single-sample generations decoded together in one padded batch, and most samples of
+            one request decoded together (1 = one at a time).
         session: options for the model's decoding session (e.g. FoT's last_context_length).
     """
     import uvicorn

@@ -15,7 +15,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(hf_dir):
-    with serving(hf_dir) as s:
+    with serving(hf_dir, "--max_samples", "64") as s:  # 64 samples: a request long enough to hold the worker
         yield s
 
 

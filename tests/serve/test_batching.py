@@ -2,8 +2,8 @@
 sampling, streaming and not) get what they would get alone, a row cancelled mid-way leaves the others' answers
 alone, and a session that refuses padded batches (LoLCATs terrace decoding) falls back to one request at a time.
 
-To queue requests deterministically, a streaming 16-sample request holds the worker until every client is admitted
-and is then cancelled by closing its connection.
+To queue requests deterministically, a streaming 256-sample request (its samples decoded --max_batch at a time) holds
+the worker until every client is admitted and is then cancelled by closing its connection.
 
 Oracles: ``generate()`` of each prompt alone on the same weights (seeded samplers: the same seed); the server's
 /health counters (batches run, largest batch, forwards over a batch) against the number of forwards the batch needs.
@@ -25,6 +25,7 @@ from lit_longctx.nn import ModelConfig, generate
 from lit_longctx.tokenizers import ByteTokenizer
 from tests.serve.helpers import BASE, method_checkpoint, random_model, serving_in_thread
 
+HOLD = {"max_samples": 256}  # server option: the hold below may ask for 256 samples
 LONG = " ".join(f"line {i} of a prompt several landmark chunks long." for i in range(5))  # 250 tokens
 
 
@@ -42,7 +43,7 @@ def worker_held(server, prompt: str = "hold"):
     release = threading.Event()
 
     def hold() -> None:
-        body = {"prompt": prompt, "max_tokens": 150, "n": 16, "temperature": 0, "stream": True}
+        body = {"prompt": prompt, "max_tokens": 150, "n": 256, "temperature": 0, "stream": True}
         with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
             for _ in r.iter_lines():
                 if release.is_set():
@@ -92,7 +93,7 @@ def queued(server, prompts: list[str], max_new: int) -> tuple[dict, list[list[in
 
 def test_16_concurrent_clients_run_as_one_batch_and_equal_generate_alone(hf_dir, reference):
     model, tok = reference
-    with serving_in_thread(hf_dir, max_batch=16, max_concurrent=17) as server:
+    with serving_in_thread(hf_dir, max_batch=16, max_concurrent=17, **HOLD) as server:
         before = server.health()["stats"]
         results: dict[int, httpx.Response] = {}
 
@@ -142,7 +143,7 @@ def test_a_row_cancelled_mid_batch_leaves_the_others_alone(tmp_path):
     path = method_checkpoint(tmp_path / "fot.ckpt", "fot")  # FoT: unbounded prompts, memory over several chunks
     model, tok, _ = load_model(path)
     prompts = ["short", "a prompt longer than two FoT windows of sixteen tokens", "medium length"]
-    with serving_in_thread(path) as server:
+    with serving_in_thread(path, **HOLD) as server:
         before = server.health()["stats"]
         results: dict[int, httpx.Response] = {}
         seen = []
@@ -183,7 +184,7 @@ def test_landmark_requests_batch_with_long_padded_prompts(tmp_path):
     path = method_checkpoint(tmp_path / "landmark.ckpt", "landmark")
     model, tok, _ = load_model(path)
     prompts = ["hi", LONG[:100], LONG]
-    with serving_in_thread(path) as server:
+    with serving_in_thread(path, **HOLD) as server:
         before, results, stats = queued(server, prompts, 20)
     for prompt, got in zip(prompts, results):
         assert got == generate(model, tok.encode(prompt, bos=True), 20, stop_tokens=[tok.eos_id])[0]
@@ -202,7 +203,7 @@ def test_a_session_that_refuses_padding_runs_the_queued_requests_one_by_one(tmp_
     encoded = [tok.encode(p, bos=True) for p in prompts]
     with pytest.raises(ValueError, match="decode_window=terrace"):  # why the server cannot batch them
         generate(model, encoded, 4)
-    with serving_in_thread(path) as server:
+    with serving_in_thread(path, **HOLD) as server:
         before, results, stats = queued(server, prompts, 20)
     for i, ids in enumerate(encoded):
         expected = generate(model, ids, 20, stop_tokens=[tok.eos_id])[0]

@@ -1,6 +1,6 @@
 """Every endpoint of a real ``lit-longctx serve`` process against the same weights in the test process.
 
-Oracles: ``generate()`` (greedy token for token; sampling with one generator seeded as documented), the model's own
+Oracles: ``generate()`` (greedy token for token; sampling with generators seeded as documented), the model's own
 final hidden states (embeddings), the byte tokenizer (tokens), a hand-rendered chat prompt, the non-streaming answer
 (streaming), the OpenAI Python client (compatibility).
 """
@@ -27,11 +27,10 @@ def expected_greedy(reference, prompt: str, n: int) -> list[int]:
 
 
 def expected_samples(reference, prompt: str, n: int, k: int, seed: int, **sampling) -> list[list[int]]:
-    """``num_samples`` = k: one generator seeded once, continued across samples (as ``lit-longctx generate``)."""
+    """``num_samples`` = k: sample i alone with its own generator seeded ``seed + i``."""
     model, tok = reference
-    g = torch.Generator().manual_seed(seed)
-    return [generate(model, tok.encode(prompt, bos=True), n, stop_tokens=EOS, generator=g, **sampling)[0]
-            for _ in range(k)]
+    return [generate(model, tok.encode(prompt, bos=True), n, stop_tokens=EOS,
+                     generator=torch.Generator().manual_seed(seed + i), **sampling)[0] for i in range(k)]
 
 
 def sse_events(response: httpx.Response) -> list[dict]:

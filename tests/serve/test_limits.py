@@ -22,8 +22,8 @@ def test_16_concurrent_clients_are_all_correct_and_the_17th_gets_429(server, ref
     prompts = [f"client {i}: " + "abcdefghijklmnop"[i:] for i in range(16)]
     results: dict[int, httpx.Response] = {}
 
-    def client(i: int) -> None:  # client 0 keeps the model busy (16 greedy samples) while the others queue
-        body = {"prompt": prompts[i], "max_new_tokens": 60, "num_samples": 16 if i == 0 else 1}
+    def client(i: int) -> None:  # client 0 keeps the model busy (64 greedy samples, 8 batches) while the others queue
+        body = {"prompt": prompts[i], "max_new_tokens": 200 if i == 0 else 60, "num_samples": 64 if i == 0 else 1}
         results[i] = server.post("/completions", body)
 
     def wait_for(admitted: int, running: int) -> None:
@@ -46,9 +46,9 @@ def test_16_concurrent_clients_are_all_correct_and_the_17th_gets_429(server, ref
         t.join()
     assert sorted(results) == list(range(16))
     for i, prompt in enumerate(prompts):
-        expected = generate(model, tok.encode(prompt, bos=True), 60, stop_tokens=[257])[0]
+        expected = generate(model, tok.encode(prompt, bos=True), 200 if i == 0 else 60, stop_tokens=[257])[0]
         got = [c["token_ids"] for c in results[i].json()["completions"]]
-        assert results[i].status_code == 200 and got == [expected] * (16 if i == 0 else 1)
+        assert results[i].status_code == 200 and got == [expected] * (64 if i == 0 else 1)
     health = server.health()
     assert health["admitted"] == 0  # the 15 queued behind client 0 ran as padded batches of --max_batch 8 at most
     assert health["stats"]["largest_batch"] == health["max_batch"] == 8
@@ -70,7 +70,7 @@ BAD = [
     ("/completions", {"prompt": "a", "top_p": 1.5}, 422, "top_p", "less than or equal to 1"),
     ("/completions", {"prompt": "a", "seed": -3}, 422, "seed", "greater than or equal to 0"),
     ("/completions", {"prompt": "a", "num_samples": 0}, 422, "num_samples", "greater than or equal to 1"),
-    ("/completions", {"prompt": "a", "num_samples": 17}, 422, "num_samples", "server limit of 16"),
+    ("/completions", {"prompt": "a", "num_samples": 65}, 422, "num_samples", "server limit of 64"),
     ("/completions", {"prompt": "a", "max_tokens": 5}, 422, "max_tokens", "unknown field"),
     ("/completions", {}, 422, "prompt", "Field required"),
     ("/completions", {"prompt": LONG}, 422, "prompt", "301 tokens exceed the 256"),

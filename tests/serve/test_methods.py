@@ -27,12 +27,13 @@ TEXT = ("In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet h
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """name -> (server, model, tokenizer) for each method; the LoLCATs server runs with --request_timeout 2."""
+    """name -> (server, model, tokenizer) for each method; the LoLCATs server runs with --request_timeout 2 (and up to
+    4096 new tokens, so that a request takes well over 2 s)."""
     with contextlib.ExitStack() as stack:
         out = {}
         for name in SESSIONS:
             path = method_checkpoint(tmp_path_factory.mktemp(name) / "model.ckpt", name)
-            options = {"request_timeout": 2.0} if name == "lolcats_lora" else {}
+            options = {"request_timeout": 2.0, "max_new_tokens": 4096} if name == "lolcats_lora" else {}
             server = stack.enter_context(serving_in_thread(path, **options))
             model, tok, _ = load_model(path)
             out[name] = server, model.eval(), tok
@@ -105,7 +106,7 @@ def test_request_timeout_cancels_the_work(servers):
     server = servers["lolcats_lora"][0]
     before = server.health()["stats"]
     start = time.monotonic()
-    r = server.post("/completions", {"prompt": TEXT * 10, "max_new_tokens": 1024, "num_samples": 16})  # >> 2 s
+    r = server.post("/completions", {"prompt": TEXT * 10, "max_new_tokens": 4096, "num_samples": 16})  # ~10 s
     assert r.status_code == 504 and "--request_timeout" in r.json()["error"]["message"]
     assert 1.9 < time.monotonic() - start < 10
     health = wait_until(server, lambda h: h["stats"]["cancelled"] > before["cancelled"] and h["admitted"] == 0)
