@@ -272,7 +272,7 @@ def generate_text(
         top_k: sample only from the k most likely tokens.
         top_p: sample only from the smallest set of tokens whose probability reaches p.
         num_samples: independent samples (of every prompt).
-        seed: random seed for sampling.
+        seed: random seed for sampling; sample i uses ``seed + i`` (so ``serve`` gives the same samples).
         device: cpu, cuda, or auto.
         dtype: compute dtype (default float32 on CPU, bfloat16 on CUDA).
         session: options for the model's decoding session (e.g. FoT's last_context_length).
@@ -295,10 +295,11 @@ def generate_text(
         texts_in = [prompt]
     model, tokenizer, _, device = load_for_inference(checkpoint, device, dtype)
     ids = [tokenizer.encode(text, bos=tokenizer.bos_id is not None) for text in texts_in]
-    generator = torch.Generator(device=device).manual_seed(seed)
     stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     texts = []
-    for _ in range(num_samples):
+    for i in range(num_samples):
+        # sample i draws from its own generator seeded seed + i, as the server's samples do (lit_longctx.serve)
+        generator = torch.Generator(device=device).manual_seed(seed + i)
         start = time.perf_counter()
         new = generate(model, ids if len(ids) > 1 else ids[0], max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, stop_tokens=stops, generator=generator, **(session or {}))

@@ -37,6 +37,23 @@ def test_prompts_file_equals_one_prompt_at_a_time(tmp_path, capsys, layers):
     assert all(text + cont in printed for text, cont in zip(PROMPTS, alone))
 
 
+def test_samples_are_seeded_per_sample_like_the_server(tmp_path, capsys):
+    """--num_samples 3: sample i is generate() with a generator seeded seed + i (what `serve` does for n = 3)."""
+    from lit_longctx.nn.generate import generate
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=260, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                    max_seq_len=64))
+    ckpt = save_checkpoint(tmp_path / "model.ckpt", model, tokenizer=load_tokenizer("byte"))
+    texts = main(["generate", "--checkpoint", str(ckpt), "--prompt", "Once", "--max_new_tokens", "12", "--device",
+                  "cpu", "--temperature", "1.0", "--num_samples", "3", "--seed", "5"])
+    tok = load_tokenizer("byte")
+    ids = tok.encode("Once", bos=True)
+    expected = [tok.decode(generate(model.eval(), ids, 12, temperature=1.0, stop_tokens=[tok.eos_id],
+                                    generator=torch.Generator().manual_seed(5 + i))[0]) for i in range(3)]
+    assert texts == expected and len(set(texts)) == 3
+
+
 def error_line(capsys, *args: str) -> str:
     """Run the command in-process: it must exit with status 2 after one ``error:`` line."""
     with pytest.raises(SystemExit) as exit_info:
