@@ -43,8 +43,11 @@ cache with the layer's own forward (``tk`` with its alignment, over the prompt's
 of its last position; later tokens use the decode window. ``decode_window`` applies the decode window to *every*
 position (prompt included), so a session equals one full-sequence forward of that window kind exactly, whatever the
 prefill chunking. For ``sw``, pure linear, or ``tk`` with terrace decoding the two agree. A left-padded batch
-(``attention_mask``) gets each row's own forward (its blocks aligned to its own tokens) when its prompt arrives in one
-prefill chunk; a ``tk`` padded prompt split over chunks is refused (its rows' first chunks would differ from alone).
+(``attention_mask``) is decoded row by row on each row's own positions (:mod:`.hybrid_linear_decode`): its prompt gets
+each row's own forward (blocks aligned to its own tokens), and each row's sliding or terrace window follows its own
+positions (a row folds its oldest terrace block into (S, z) when it crosses its own boundary), so every row equals
+the row alone; only an end-aligned ``tk`` padded prompt split over prefill chunks is refused (each row's blocks would
+depend on the length of its first chunk, not known while that chunk arrives).
 
 Terrace alignment: ``end`` (o = (−L) mod w, the reference's ``get_masks``; what its checkpoints were trained and
 evaluated with, so the default of the LoLCATs recipes and of imported seed checkpoints) and ``start`` (o = 0, the
@@ -76,7 +79,7 @@ from torch import nn
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
 from lit_longctx.nn.attention.causal import attend as softmax_attend
 from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
-from lit_longctx.nn.attention.hybrid_linear_decode import cached_rows
+from lit_longctx.nn.attention.hybrid_linear_decode import HybridLinearSession, cached_rows
 from lit_longctx.nn.attention.hybrid_linear_paths import (
     FEATURE_EPS,
     LINEAR_CHUNK,
@@ -96,9 +99,10 @@ from lit_longctx.nn.config import ConfigError, ModelConfig
 
 __all__ = [
     "DISTILL", "DISTILL_LOSSES", "DISTILL_XENT", "FEATURE_EPS", "FEATURE_MAP_INITS", "LINEAR_CHUNK", "LINEAR_EPS",
-    "FeatureMap", "HeadProjection", "HybridLinearAttention", "HybridLinearCache", "LinearState", "WindowKind",
-    "causal_linear_sums", "compute_dtype", "distill_losses", "hybrid_attention_quadratic", "init_feature_map",
-    "linear_attention", "sliding_hybrid_prefix_sum", "softmax_features", "terrace_hybrid_scan", "window_masks",
+    "FeatureMap", "HeadProjection", "HybridLinearAttention", "HybridLinearCache", "HybridLinearSession", "LinearState",
+    "WindowKind", "causal_linear_sums", "compute_dtype", "distill_losses", "hybrid_attention_quadratic",
+    "init_feature_map", "linear_attention", "sliding_hybrid_prefix_sum", "softmax_features", "terrace_hybrid_scan",
+    "window_masks",
 ]
 
 #: ``Transformer.forward(..., distill=True)``: stage-1 attention-transfer mode for this batch.
@@ -180,7 +184,9 @@ class HybridLinearCache:
             already folded into the row's (S, z)); None while no ``attention_mask`` was fed (rows in lockstep).
         pos: (B, n) each buffered key's position in its own row (pads not counted); with ``mask``.
         seen: (B,) each row's tokens so far (the row position of its next token); with ``mask``.
-        first_chunk: how many ids the first call fed (``prefill=forward`` computes them with the forward).
+        forward_len: (B,) tokens of each row's prompt that ``prefill=forward`` computes with the forward (set by
+            :class:`~lit_longctx.nn.attention.hybrid_linear_decode.HybridLinearSession`), or None.
+        in_prompt: whether that session is prefilling the prompt now.
         padded: whether a pad was ever fed (a padded batch).
     """
 
@@ -203,7 +209,8 @@ class HybridLinearCache:
         self.mask: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
-        self.first_chunk = 0
+        self.forward_len: torch.Tensor | None = None
+        self.in_prompt = False
         self.padded = False
 
     def num_bytes(self) -> int:
@@ -242,12 +249,13 @@ class HybridLinearAttention(Attention):
         path: ``scan`` (linear-time: prefix sum for sw, block scan for tk) or ``quadratic`` (reference). Distill
             mode with ``distill_xent`` always uses the quadratic form, which yields the attention weights.
         decode_window: ``sliding`` (exact w-key window, the reference's decode) or ``terrace`` (tk with start
-            alignment only; reproduces the tk forward).
+            alignment only; reproduces the tk forward). Both decode left-padded batches, each row on its own blocks.
         prefill: ``forward`` (the first chunk fed to an empty cache runs the layer's forward, the reference's
             prompt; later tokens use the decode window) or ``decode_window`` (every cached position uses it).
     """
 
     forward_extras: ClassVar[tuple[str, ...]] = (DISTILL, DISTILL_XENT)
+    session_class: ClassVar[type | None] = HybridLinearSession
 
     def __init__(
         self,
@@ -460,8 +468,6 @@ class HybridLinearAttention(Attention):
         if mask is not None or cache.mask is not None:
             return cached_rows(self, q, k, v, cache, mask)
         t = q.shape[2]
-        if cache.length == 0:
-            cache.first_chunk = t
         if self.window == "none":
             acc = cache.kv_state.dtype
             q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)

@@ -10,15 +10,16 @@ unfolded key before ws(p) is in the linear set Λ; the window start is
 - sliding (``decode_window=sliding``): ws(p) = max(0, p − w + 1), the reference's decode;
 - terrace (``decode_window=terrace``, start-aligned ``tk``): ws(p) = max(0, (⌊p/w⌋ − 1)·w), the previous full block
   plus the current partial one, so a row folds its oldest block into (S, z) when IT crosses a block boundary;
-- ``prefill=forward`` with ``tk`` and start alignment: the reference computes a prompt's first chunk with the
-  terrace forward, so prompt queries at p < C (C = the first chunk's length; fed with an ``attention_mask``, as
-  :meth:`DecodingSession.prefill` does) get the terrace start and everything else the sliding one. This is what
-  each row alone gets with the same ``prefill_chunk``: its first min(C, n) tokens in one forward chunk.
+- ``prefill=forward`` with ``tk``: the reference computes a prompt's first chunk with the terrace forward, and a
+  row alone with ``prefill_chunk`` C puts its first L = min(C, n) prompt tokens (n = its prompt length) in that
+  chunk. :class:`HybridLinearSession` tells the caches each row's L while it prefills, so prompt queries at p < L
+  get the forward's window start, max(0, (⌊(p + o)/w⌋ − 1)·w − o) with o = 0 (``start``) or (−L) mod w (``end``),
+  and every other query the decode window's.
 
 ws(p) never decreases along a row, so keys before it are folded lazily (before and after each call) without ever
 removing a key a later query still needs; leading buffer columns no row holds are dropped, so the buffer stays
-within 2w keys plus the chunk being fed. End-aligned terrace blocks depend on the length of each row's first chunk,
-which is unknown while a padded prompt split over prefill chunks is still arriving: that one case is refused.
+within 2w keys plus the chunk being fed. Fed through the layer without that session (a cache passed to the model by
+hand), a ``tk`` padded prompt under ``prefill=forward`` with a sliding decode window must come in one call.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lit_longctx.nn.attention.hybrid_linear_paths import compute_dtype, hybrid_from_masks, linear_attention
+from lit_longctx.nn.session import DecodingSession, check_attention_mask
 
 if TYPE_CHECKING:
     from lit_longctx.nn.attention.hybrid_linear import HybridLinearAttention, HybridLinearCache
@@ -43,16 +45,24 @@ def enter_rows(cache: HybridLinearCache, batch_size: int, device: torch.device) 
     cache.seen = torch.full((batch_size,), cache.length, dtype=torch.long, device=device)
 
 
-def window_starts(layer: HybridLinearAttention, pos: torch.Tensor, prompt: bool, first_chunk: int) -> torch.Tensor:
-    """Row position of the first window key of the queries at row positions ``pos`` (any shape; see the module)."""
+def window_starts(layer: HybridLinearAttention, cache: HybridLinearCache, pos: torch.Tensor) -> torch.Tensor:
+    """Row position of the first window key of the queries at row positions ``pos`` (B, T) (see the module)."""
     w = layer.window_size
-    terrace = ((torch.div(pos, w, rounding_mode="floor") - 1) * w).clamp_min(0)
     if layer.decode_window == "terrace":
-        return terrace
-    sliding = (pos - w + 1).clamp_min(0)
-    if prompt and layer.window == "tk" and layer.prefill == "forward":
-        return torch.where(pos < first_chunk, terrace, sliding)
-    return sliding
+        decode = ((torch.div(pos, w, rounding_mode="floor") - 1) * w).clamp_min(0)
+    else:
+        decode = (pos - w + 1).clamp_min(0)
+    if not (forward_prompt(layer) and cache.in_prompt and cache.forward_len is not None):
+        return decode
+    length = cache.forward_len[:, None]
+    o = (-length) % w if layer.block_alignment == "end" else torch.zeros_like(length)
+    forward = ((torch.div(pos + o, w, rounding_mode="floor") - 1) * w - o).clamp_min(0)
+    return torch.where(pos < length, forward, decode)
+
+
+def forward_prompt(layer: HybridLinearAttention) -> bool:
+    """Whether the prompt's forward windows differ from the decode window's (``tk`` forward, sliding decode)."""
+    return layer.window == "tk" and layer.prefill == "forward" and layer.decode_window == "sliding"
 
 
 def fold_rows(layer: HybridLinearAttention, cache: HybridLinearCache, upto: torch.Tensor) -> None:
@@ -74,14 +84,14 @@ def fold_rows(layer: HybridLinearAttention, cache: HybridLinearCache, upto: torc
 
 
 def check_split_prompt(layer: HybridLinearAttention, cache: HybridLinearCache, mask: torch.Tensor | None) -> None:
-    """End-aligned terrace prefill cannot take a padded prompt split over chunks (see the module)."""
-    if (layer.prefill == "forward" and layer.window == "tk" and layer.block_alignment == "end" and cache.padded
-            and cache.length and mask is not None):
+    """Without :class:`HybridLinearSession`'s prompt lengths, a padded prompt's forward must come in one call."""
+    if (forward_prompt(layer) and cache.padded and cache.length and mask is not None
+            and not (cache.in_prompt and cache.forward_len is not None)):
         raise ValueError(
-            "prefill=forward with block_alignment=end runs each row's prompt through the terrace forward aligned to "
-            "the end of its first chunk, and the rows of a padded batch start in different places: a padded prompt "
-            "must arrive in one prefill chunk. Raise prefill_chunk to the padded prompt length, run the prompts one "
-            "by one, or set the hybrid_linear option block_alignment=start or prefill=decode_window"
+            "prefill=forward runs each row's prompt through the layer's terrace forward, and the rows of a padded "
+            "batch start in different places: feed a padded prompt split over several calls through "
+            "session_for(model, batch_size).prefill(ids, attention_mask), which knows each row's prompt length, give "
+            "it in one call, or set the hybrid_linear option prefill=decode_window"
         )
 
 
@@ -105,8 +115,6 @@ def cached_rows(
         raise ValueError("a pad after a row's first token: hybrid_linear caches take left-padded prompts only")
     new = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
     cache.padded = cache.padded or not bool(new.all())
-    if cache.length == 0:
-        cache.first_chunk = t
     qpos = cache.seen[:, None] + new.long().cumsum(1) - 1  # (B, T) row positions of the queries (pads: before 0)
     if layer.window == "none":  # no window: every token goes straight into (S, z)
         acc = cache.kv_state.dtype
@@ -117,17 +125,18 @@ def cached_rows(
         cache.seen, cache.length = cache.seen + new.sum(1), cache.length + t
         return y
     check_split_prompt(layer, cache, mask)
-    prompt, forward_first = mask is not None, layer.prefill == "forward" and cache.length == 0 and t > 1
-    fold_rows(layer, cache, window_starts(layer, qpos[:, 0], prompt, cache.first_chunk))
+    # the prompt in one call without the session's lengths: every row's own forward (blocks on its own tokens)
+    own_forward = layer.prefill == "forward" and cache.length == 0 and t > 1 and not cache.in_prompt
+    fold_rows(layer, cache, window_starts(layer, cache, qpos[:, :1])[:, 0])
     state = (cache.kv_state, cache.k_state)
     cache.k, cache.v = torch.cat([cache.k, k.to(cache.k.dtype)], dim=2), torch.cat([cache.v, v.to(cache.v.dtype)], 2)
     cache.mask, cache.pos = torch.cat([cache.mask, new], dim=1), torch.cat([cache.pos, qpos], dim=1)
     cache.seen, cache.length = cache.seen + new.sum(1), cache.length + t
-    if forward_first:  # the prompt: every row's own forward (its blocks aligned to its own tokens)
+    if own_forward:
         y = layer._full(q, k, v, mask)
     else:
-        y = _attend_rows(layer, q, cache, qpos, new, window_starts(layer, qpos, prompt, cache.first_chunk), state)
-    fold_rows(layer, cache, window_starts(layer, qpos[:, -1], prompt, cache.first_chunk))
+        y = _attend_rows(layer, q, cache, qpos, new, window_starts(layer, cache, qpos), state)
+    fold_rows(layer, cache, window_starts(layer, cache, qpos[:, -1:])[:, 0])
     return y
 
 
@@ -154,3 +163,22 @@ def _attend_rows(
         q, k, v, layer.feature_map_q(q), layer.feature_map_k(k), gamma, alpha, win[:, None], lin[:, None],
         scale=layer.scale, state=state,
     )[0]
+
+
+class HybridLinearSession(DecodingSession):
+    """:class:`DecodingSession` that tells the ``hybrid_linear`` caches, while a first prompt is prefilled, how many
+    of each row's tokens the row alone would put in its forward chunk: min(``prefill_chunk``, its prompt length)."""
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from lit_longctx.nn.attention.hybrid_linear import HybridLinearCache
+
+        mask = check_attention_mask(attention_mask, ids)
+        lengths = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        caches = [c for c in self.state.caches if isinstance(c, HybridLinearCache) and c.length == 0]
+        for cache in caches:
+            cache.forward_len, cache.in_prompt = lengths.clamp_max(self.prefill_chunk), True
+        try:
+            return super().prefill(ids, mask)
+        finally:
+            for cache in caches:
+                cache.in_prompt = False
