@@ -8,8 +8,8 @@ feeds its own stream (a row that finished -- EOS, its max tokens, cancelled, tim
 ignored until all rows are done). Each row of a padded batch equals that row run alone (docs/CONTRACTS.md), so a
 served greedy completion equals ``generate()`` token for token, and FoT's memory, landmark retrieval and LoLCATs'
 constant-size state are what answers a long prompt. Multi-sample requests and embeddings run alone, and so do the
-jobs of a batch whose session refuses the padded prefill with a ValueError (LoLCATs' end-aligned terrace prefill of a
-prompt split over prefill chunks): they then run one by one, ``session_for(model, 1).prefill(prompt)`` and ``step``.
+jobs of a batch whose session refuses the padded prefill with a ValueError (landmark ``record_retrieval``): they then
+run one by one, ``session_for(model, 1).prefill(prompt)`` and ``step``.
 
 Cancellation: a forward pre-hook on the model raises :class:`Cancelled` when the running request's cancel event is
 set (client gone, timeout) -- for a batch, when every row's is -- so even a long chunked prefill stops at the next

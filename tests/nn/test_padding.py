@@ -203,7 +203,8 @@ def test_lolcats_padding_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overrides", [{"attn_backend": "sdpa"}, {"attn_backend": "flash_attn"}, FOT, landmark(),
-                                       landmark(mem_cache_size=2), lolcats(window="sw"), lolcats(window="tk")])
+                                       landmark(mem_cache_size=2), lolcats(window="sw"), lolcats(window="tk"),
+                                       lolcats(window="tk", decode_window="terrace")])
 def test_padded_batch_on_cuda(overrides):
     """The masked kernels on CUDA (fp32): padded rows equal rows alone; flash_attn falls back to sdpa with pads."""
     model = model_of(**overrides).cuda()

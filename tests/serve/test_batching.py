@@ -207,7 +207,7 @@ def test_lolcats_requests_batch_and_equal_generate_alone(tmp_path, options):
     batch, a prompt longer than max_seq_len = 32 (prefilled in several chunks) included."""
     path = lolcats_checkpoint(tmp_path, **options)
     model, tok, _ = load_model(path)
-    prompts = ["one", "a longer prompt", LONG[:70]]
+    prompts = ["one", "a longer prompt here", LONG[:70]]  # 21 tokens with BOS: across the last two chunks of 32
     with serving_in_thread(path) as server:
         before, results, stats = queued(server, prompts, 20)
     for prompt, got in zip(prompts, results):

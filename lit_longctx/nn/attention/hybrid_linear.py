@@ -46,8 +46,9 @@ prefill chunking. For ``sw``, pure linear, or ``tk`` with terrace decoding the t
 (``attention_mask``) is decoded row by row on each row's own positions (:mod:`.hybrid_linear_decode`): its prompt gets
 each row's own forward (blocks aligned to its own tokens), and each row's sliding or terrace window follows its own
 positions (a row folds its oldest terrace block into (S, z) when it crosses its own boundary), so every row equals
-the row alone; only an end-aligned ``tk`` padded prompt split over prefill chunks is refused (each row's blocks would
-depend on the length of its first chunk, not known while that chunk arrives).
+the row alone, a prompt split over prefill chunks included (:class:`HybridLinearSession` tells the caches each row's
+first-chunk length, which its forward blocks depend on; a cache fed by hand without it refuses a split padded prompt
+under ``prefill=forward`` with the fix).
 
 Terrace alignment: ``end`` (o = (−L) mod w, the reference's ``get_masks``; what its checkpoints were trained and
 evaluated with, so the default of the LoLCATs recipes and of imported seed checkpoints) and ``start`` (o = 0, the
