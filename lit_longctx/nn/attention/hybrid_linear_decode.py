@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lit_longctx.nn.attention.hybrid_linear_paths import compute_dtype, hybrid_from_masks, linear_attention
+from lit_longctx.nn.attention.hybrid_linear_paths import (
+    _window_plus_linear,
+    compute_dtype,
+    hybrid_from_masks,
+    linear_attention,
+)
 from lit_longctx.nn.session import DecodingSession, check_attention_mask
 
 if TYPE_CHECKING:
@@ -157,8 +162,12 @@ def _attend_rows(
     ws = starts[:, :, None]
     win = held & (kpos >= ws) & (kpos <= qpos[:, :, None])
     win = win | ~new[:, :, None]  # a pad query sees every key, so that its row stays finite (its output is unused)
-    lin = held & (kpos < ws) & new[:, :, None]
     gamma, alpha = layer.factors(acc)
+    if q.shape[2] == 1:  # one query: the fold before it left only its window keys held, so Λ is empty (no φ_k)
+        scores = ((q @ k.transpose(-1, -2)) * layer.scale).masked_fill(~win[:, None], float("-inf"))
+        fq = layer.feature_map_q(q)
+        return _window_plus_linear(scores, v, gamma, alpha, fq @ state[0], fq @ state[1].unsqueeze(-1))
+    lin = held & (kpos < ws) & new[:, :, None]
     return hybrid_from_masks(
         q, k, v, layer.feature_map_q(q), layer.feature_map_k(k), gamma, alpha, win[:, None], lin[:, None],
         scale=layer.scale, state=state,
