@@ -8,8 +8,8 @@ feeds its own stream (a row that finished -- EOS, its max tokens, cancelled, tim
 ignored until all rows are done). Each row of a padded batch equals that row run alone (docs/CONTRACTS.md), so a
 served greedy completion equals ``generate()`` token for token, and FoT's memory, landmark retrieval and LoLCATs'
 constant-size state are what answers a long prompt. Embeddings run alone, and so do the jobs of a batch whose
-session refuses the padded prefill with a ValueError (LoLCATs terrace decoding, a prompt split over prefill chunks):
-they then run one by one, ``session_for(model, 1).prefill(prompt)`` and ``step``.
+session refuses the padded prefill with a ValueError (landmark ``record_retrieval``): they then run one by one,
+``session_for(model, 1).prefill(prompt)`` and ``step``.
 
 A multi-sample request (``num_samples`` / ``n`` > 1) runs as its own job, its samples decoded together as the rows of
 one batch (the prompt repeated, so no padding), up to ``max_batch`` rows at a time; sample i samples with its own

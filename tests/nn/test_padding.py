@@ -166,16 +166,16 @@ def test_lolcats_hybrid_state_padded_batch_equals_rows_alone(options):
 def test_lolcats_forward_prefill_of_a_padded_batch_is_each_rows_own(alignment):
     """prefill=forward (the default): each row's prompt runs the terrace forward over its own tokens (blocks aligned
     to them), then the sliding decode window; the prompt in one chunk (the default, max_seq_len) equals each row
-    alone. A padded tk prompt split over chunks is refused: the rows' first chunks would not be their own."""
+    alone. A padded prompt split over chunks equals each row alone with the same chunks (the session tells the
+    layer each row's first-chunk length; 13 leaves a last chunk of one column, fed without a mask)."""
     model = model_of(**lolcats(window="tk", block_alignment=alignment))
     alone = check_rows(model, prompts(), steps=6)
     sliding = model_of(**lolcats(window="tk", block_alignment=alignment, prefill="decode_window"))
     with torch.no_grad():  # the prompt really is the terrace forward, not the sliding window
         diff = (session_for(sliding, 1).forward_logits(torch.tensor([prompts()[0]]))[0] - alone[0]).abs().max()
     assert float(diff) > 1e-3
-    ids, mask = left_pad(prompts(), pad_id=0)
-    with pytest.raises(ValueError, match="one prefill chunk.*prefill=decode_window"):
-        session_for(model, len(LENGTHS), prefill_chunk=7).prefill(ids, attention_mask=mask)
+    for chunk in (7, 13):
+        check_rows(model, prompts(), steps=6, prefill_chunk=chunk)
 
 
 @pytest.mark.parametrize("window", ["tk", "sw"])
@@ -191,17 +191,20 @@ def test_lolcats_full_forward_of_a_padded_batch(window):
 
 
 def test_lolcats_padding_errors():
-    model = model_of(**lolcats(window="tk", decode_window="terrace"))
+    model = model_of(**lolcats(window="tk"))
     ids, mask = left_pad(prompts(), pad_id=0)
-    with pytest.raises(ValueError, match="decode_window=terrace.*decode_window=sliding"):
-        session_for(model, 4).prefill(ids, attention_mask=mask)
+    state = model.new_state(len(LENGTHS))  # a cache fed by hand: the layer does not know the rows' prompt lengths
+    model(ids[:, :7], state=state, attention_mask=mask[:, :7])
+    with pytest.raises(ValueError, match=r"split over several calls through session_for\(model, batch_size\)"):
+        model(ids[:, 7:], state=state, attention_mask=mask[:, 7:])
     with pytest.raises(ValueError, match="needs left padding"):
         model(ids, attention_mask=mask.flip(1))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overrides", [{"attn_backend": "sdpa"}, {"attn_backend": "flash_attn"}, FOT, landmark(),
-                                       landmark(mem_cache_size=2), lolcats(window="sw"), lolcats(window="tk")])
+                                       landmark(mem_cache_size=2), lolcats(window="sw"), lolcats(window="tk"),
+                                       lolcats(window="tk", decode_window="terrace")])
 def test_padded_batch_on_cuda(overrides):
     """The masked kernels on CUDA (fp32): padded rows equal rows alone; flash_attn falls back to sdpa with pads."""
     model = model_of(**overrides).cuda()

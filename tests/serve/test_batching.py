@@ -1,6 +1,7 @@
 """Concurrent requests decoded as one padded batch by a real server on loopback: 16 clients (greedy and seeded
 sampling, streaming and not) get what they would get alone, a row cancelled mid-way leaves the others' answers
-alone, and a session that refuses padded batches (LoLCATs terrace decoding) falls back to one request at a time.
+alone, LoLCATs' terrace decoding and end-aligned prompts over several prefill chunks batch, and a session that
+refuses a padded batch (landmark ``record_retrieval``) falls back to one request at a time.
 
 To queue requests deterministically, a streaming 256-sample request (its samples decoded --max_batch at a time) holds
 the worker until every client is admitted and is then cancelled by closing its connection.
@@ -191,22 +192,43 @@ def test_landmark_requests_batch_with_long_padded_prompts(tmp_path):
     assert stats["batches"] - before["batches"] == 1 and stats["largest_batch"] == 3 and stats["failed"] == 0
 
 
-def test_a_session_that_refuses_padding_runs_the_queued_requests_one_by_one(tmp_path):
-    tok = ByteTokenizer()
-    options = {"window_size": 8, "feature_dim": 8, "window": "tk", "block_alignment": "start",
-               "decode_window": "terrace"}
+def lolcats_checkpoint(tmp_path, **options):
+    options = {"window_size": 8, "feature_dim": 8, "window": "tk", **options}
     config = ModelConfig(**BASE, max_seq_len=32, attention="hybrid_linear",
                          attention_options={"hybrid_linear": options})
-    path = save_checkpoint(tmp_path / "terrace.ckpt", random_model(config), tokenizer=tok, method="lolcats_lora")
+    return save_checkpoint(tmp_path / "lolcats.ckpt", random_model(config), tokenizer=ByteTokenizer(),
+                           method="lolcats_lora")
+
+
+@pytest.mark.parametrize("options", [{"block_alignment": "start", "decode_window": "terrace"},
+                                     {"block_alignment": "end"}], ids=["terrace_decoding", "end_aligned_prompt"])
+def test_lolcats_requests_batch_and_equal_generate_alone(tmp_path, options):
+    """Each row's windows follow its own positions (terrace decoding folds each row's blocks at its own boundaries;
+    the end-aligned prompt forward aligns to each row's own first chunk), so the queued requests run as one padded
+    batch, a prompt longer than max_seq_len = 32 (prefilled in several chunks) included."""
+    path = lolcats_checkpoint(tmp_path, **options)
+    model, tok, _ = load_model(path)
+    prompts = ["one", "a longer prompt here", LONG[:70]]  # 21 tokens with BOS: across the last two chunks of 32
+    with serving_in_thread(path, **HOLD) as server:
+        before, results, stats = queued(server, prompts, 20)
+    for prompt, got in zip(prompts, results):
+        assert got == generate(model, tok.encode(prompt, bos=True), 20, stop_tokens=[tok.eos_id])[0]
+    assert stats["batches"] - before["batches"] == 1 and stats["largest_batch"] == 3 and stats["failed"] == 0
+
+
+def test_a_session_that_refuses_padding_runs_the_queued_requests_one_by_one(tmp_path):
+    """A landmark session recording retrievals keeps one stream per batch, so it refuses a padded batch: the server
+    runs those requests one at a time."""
+    path = method_checkpoint(tmp_path / "landmark.ckpt", "landmark")
     model, tok, _ = load_model(path)
     prompts = ["one", "a longer prompt", "mid"]
     encoded = [tok.encode(p, bos=True) for p in prompts]
-    with pytest.raises(ValueError, match="decode_window=terrace"):  # why the server cannot batch them
-        generate(model, encoded, 4)
-    with serving_in_thread(path, **HOLD) as server:
+    with pytest.raises(ValueError, match="record_retrieval"):  # why the server cannot batch them
+        generate(model, encoded, 4, record_retrieval=True)
+    with serving_in_thread(path, session={"record_retrieval": True}, **HOLD) as server:
         before, results, stats = queued(server, prompts, 20)
     for i, ids in enumerate(encoded):
-        expected = generate(model, ids, 20, stop_tokens=[tok.eos_id])[0]
+        expected = generate(model, ids, 20, stop_tokens=[tok.eos_id], record_retrieval=True)[0]
         assert results[i] == expected
     assert stats["batches"] == before["batches"] == 0 and stats["failed"] == 0
     assert stats["completed"] - before["completed"] == 3 and stats["active_sessions"] == 0

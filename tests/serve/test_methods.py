@@ -20,7 +20,7 @@ from lit_longctx.nn import generate, session_for
 from lit_longctx.nn.attention.hybrid_linear import HybridLinearCache
 from tests.serve.helpers import method_checkpoint, serving_in_thread
 
-SESSIONS = {"fot": "FoTSession", "landmark": "LandmarkSession", "lolcats_lora": "DecodingSession"}
+SESSIONS = {"fot": "FoTSession", "landmark": "LandmarkSession", "lolcats_lora": "HybridLinearSession"}
 TEXT = ("In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with the ends of worms "
         "and an oozy smell, nor yet a dry, bare, sandy hole with nothing in it to sit down on or to eat.")
 
@@ -125,4 +125,4 @@ def test_lolcats_embedding_of_a_long_prompt_equals_the_full_forward(servers):
     body = server.post("/embeddings", {"prompt": TEXT}).json()
     assert body["prompt_tokens"] == ids.shape[1] > 6 * model.config.max_seq_len
     torch.testing.assert_close(torch.tensor(body["embedding"], dtype=torch.float64), expected, atol=1e-5, rtol=1e-5)
-    assert server.health()["stats"]["last_session"] == "DecodingSession"
+    assert server.health()["stats"]["last_session"] == "HybridLinearSession"

@@ -43,8 +43,12 @@ cache with the layer's own forward (``tk`` with its alignment, over the prompt's
 of its last position; later tokens use the decode window. ``decode_window`` applies the decode window to *every*
 position (prompt included), so a session equals one full-sequence forward of that window kind exactly, whatever the
 prefill chunking. For ``sw``, pure linear, or ``tk`` with terrace decoding the two agree. A left-padded batch
-(``attention_mask``) gets each row's own forward (its blocks aligned to its own tokens) when its prompt arrives in one
-prefill chunk; a ``tk`` padded prompt split over chunks is refused (its rows' first chunks would differ from alone).
+(``attention_mask``) is decoded row by row on each row's own positions (:mod:`.hybrid_linear_decode`): its prompt gets
+each row's own forward (blocks aligned to its own tokens), and each row's sliding or terrace window follows its own
+positions (a row folds its oldest terrace block into (S, z) when it crosses its own boundary), so every row equals
+the row alone, a prompt split over prefill chunks included (:class:`HybridLinearSession` tells the caches each row's
+first-chunk length, which its forward blocks depend on; a cache fed by hand without it refuses a split padded prompt
+under ``prefill=forward`` with the fix).
 
 Terrace alignment: ``end`` (o = (−L) mod w, the reference's ``get_masks``; what its checkpoints were trained and
 evaluated with, so the default of the LoLCATs recipes and of imported seed checkpoints) and ``start`` (o = 0, the
@@ -76,6 +80,7 @@ from torch import nn
 from lit_longctx.nn.attention.base import Attention, AttentionContext, register_attention
 from lit_longctx.nn.attention.causal import attend as softmax_attend
 from lit_longctx.nn.attention.causal import causal_doc_mask, repeat_kv
+from lit_longctx.nn.attention.hybrid_linear_decode import HybridLinearSession, cached_rows
 from lit_longctx.nn.attention.hybrid_linear_paths import (
     FEATURE_EPS,
     LINEAR_CHUNK,
@@ -95,9 +100,10 @@ from lit_longctx.nn.config import ConfigError, ModelConfig
 
 __all__ = [
     "DISTILL", "DISTILL_LOSSES", "DISTILL_XENT", "FEATURE_EPS", "FEATURE_MAP_INITS", "LINEAR_CHUNK", "LINEAR_EPS",
-    "FeatureMap", "HeadProjection", "HybridLinearAttention", "HybridLinearCache", "LinearState", "WindowKind",
-    "causal_linear_sums", "compute_dtype", "distill_losses", "hybrid_attention_quadratic", "init_feature_map",
-    "linear_attention", "sliding_hybrid_prefix_sum", "softmax_features", "terrace_hybrid_scan", "window_masks",
+    "FeatureMap", "HeadProjection", "HybridLinearAttention", "HybridLinearCache", "HybridLinearSession", "LinearState",
+    "WindowKind", "causal_linear_sums", "compute_dtype", "distill_losses", "hybrid_attention_quadratic",
+    "init_feature_map", "linear_attention", "sliding_hybrid_prefix_sum", "softmax_features", "terrace_hybrid_scan",
+    "window_masks",
 ]
 
 #: ``Transformer.forward(..., distill=True)``: stage-1 attention-transfer mode for this batch.
@@ -174,8 +180,14 @@ class HybridLinearCache:
             model dtype (n ≤ w for a sliding decode window, ≤ 2w for terrace, 0 for pure linear attention).
         kv_state: (B, H, 2F, D) S = Σ φ_k(k)vᵀ over every key that left the window, in the compute dtype.
         k_state: (B, H, 2F) z = Σ φ_k(k) over the same keys.
-        length: tokens seen so far (the absolute position of the next token).
-        mask: (B, n) bool token mask of ``k, v`` (False = pad), or None while no pad was fed.
+        length: ids fed so far (the absolute position of the next token, in an unpadded batch).
+        mask: (B, n) bool, True where ``k, v`` hold a key still in that row's window buffer (False = a pad or a key
+            already folded into the row's (S, z)); None while no ``attention_mask`` was fed (rows in lockstep).
+        pos: (B, n) each buffered key's position in its own row (pads not counted); with ``mask``.
+        seen: (B,) each row's tokens so far (the row position of its next token); with ``mask``.
+        forward_len: (B,) tokens of each row's prompt that ``prefill=forward`` computes with the forward (set by
+            :class:`~lit_longctx.nn.attention.hybrid_linear_decode.HybridLinearSession`), or None.
+        in_prompt: whether that session is prefilling the prompt now.
         padded: whether a pad was ever fed (a padded batch).
     """
 
@@ -196,7 +208,10 @@ class HybridLinearCache:
         self.k_state = torch.zeros(batch_size, n_heads, 2 * feature_dim, device=device, dtype=acc)
         self.length = 0
         self.mask: torch.Tensor | None = None
-        self.started: torch.Tensor | None = None  # (B,) rows that have had a token (padded batches)
+        self.pos: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+        self.forward_len: torch.Tensor | None = None
+        self.in_prompt = False
         self.padded = False
 
     def num_bytes(self) -> int:
@@ -235,12 +250,13 @@ class HybridLinearAttention(Attention):
         path: ``scan`` (linear-time: prefix sum for sw, block scan for tk) or ``quadratic`` (reference). Distill
             mode with ``distill_xent`` always uses the quadratic form, which yields the attention weights.
         decode_window: ``sliding`` (exact w-key window, the reference's decode) or ``terrace`` (tk with start
-            alignment only; reproduces the tk forward).
+            alignment only; reproduces the tk forward). Both decode left-padded batches, each row on its own blocks.
         prefill: ``forward`` (the first chunk fed to an empty cache runs the layer's forward, the reference's
             prompt; later tokens use the decode window) or ``decode_window`` (every cached position uses it).
     """
 
     forward_extras: ClassVar[tuple[str, ...]] = (DISTILL, DISTILL_XENT)
+    session_class: ClassVar[type | None] = HybridLinearSession
 
     def __init__(
         self,
@@ -437,61 +453,32 @@ class HybridLinearAttention(Attention):
         k_old = self._expand_kv(cache.k[:, :, :n_drop], acc)  # (B, H, n_drop, D)
         v_old = self._expand_kv(cache.v[:, :, :n_drop], acc)
         fk = self.feature_map_k(k_old)  # (B, H, n_drop, 2F)
-        if cache.mask is not None:  # pads never enter the linear state
-            fk = fk * cache.mask[:, None, :n_drop, None]
         cache.kv_state = cache.kv_state + fk.transpose(-1, -2) @ v_old
         cache.k_state = cache.k_state + fk.sum(dim=2)
         cache.k, cache.v = cache.k[:, :, n_drop:], cache.v[:, :, n_drop:]
-        if cache.mask is not None:
-            cache.mask = cache.mask[:, n_drop:]
 
     def _cached(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: HybridLinearCache, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Attend T new tokens through the recurrent state; returns (B, H, T, D) in the compute dtype.
 
-        ``mask`` (B, T) marks the tokens of a left-padded chunk: pads are hidden from the window and never folded
-        into (S, z); the window is counted in fed ids, which for left padding holds exactly each row's own window.
+        ``mask`` (B, T) marks the tokens of a left-padded chunk: from the first one on, every row is decoded on its
+        own positions (:func:`~lit_longctx.nn.attention.hybrid_linear_decode.cached_rows`); without one the rows
+        move in lockstep and share the absolute positions used here.
         """
-        t = q.shape[2]
         if mask is not None or cache.mask is not None:
-            if mask is not None and cache.started is not None and bool((cache.started & ~mask.all(1)).any()):
-                raise ValueError("a pad after a row's first token: hybrid_linear caches take left-padded prompts only")
-            started = mask.any(1) if mask is not None else torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
-            cache.started = started if cache.started is None else cache.started | started
-            cache.padded = cache.padded or (mask is not None and not bool(mask.all()))
-            if self.decode_window == "terrace":
-                raise ValueError(
-                    "decode_window=terrace aligns blocks to absolute positions, which differ per row in a padded "
-                    "batch; decode padded batches with decode_window=sliding, or run the prompts one by one"
-                )
-            new = mask if mask is not None else torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device)
-            old = cache.mask if cache.mask is not None else new.new_ones(q.shape[0], cache.k.shape[2])
-            cache.mask = torch.cat([old, new], dim=1)
+            return cached_rows(self, q, k, v, cache, mask)
+        t = q.shape[2]
         if self.window == "none":
             acc = cache.kv_state.dtype
             q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
-            fk = self.feature_map_k(k)
-            if cache.mask is not None:
-                fk = fk * cache.mask[:, None, -t:, None]
-                cache.mask = cache.mask[:, :0]
             y, (cache.kv_state, cache.k_state) = linear_attention(
-                self.feature_map_q(q), fk, v, state=(cache.kv_state, cache.k_state)
+                self.feature_map_q(q), self.feature_map_k(k), v, state=(cache.kv_state, cache.k_state)
             )
             cache.length += t
             return y
-        if (self.prefill == "forward" and self.window == "tk" and cache.padded and cache.length and t > 1
-                and mask is not None):  # for sw the forward is the decode window, so chunks cannot differ
-            raise ValueError(
-                "prefill=forward runs each row's prompt through the layer's forward in its first chunk, and the rows "
-                "of a padded batch start in different places: a padded prompt must arrive in one prefill chunk. Raise "
-                "prefill_chunk to the padded prompt length, run the prompts one by one, or set the hybrid_linear "
-                "option prefill=decode_window"
-            )
         if self.prefill == "forward" and cache.length == 0 and t > 1:  # the prompt: the layer's own forward
-            # a padded prompt: every row's own forward (its blocks aligned to its own tokens), pads in no set; the
-            # fold below keeps pads out of (S, z) through cache.mask
-            y = self._full(q, k, v, mask)
+            y = self._full(q, k, v, None)
             cache.k, cache.v, cache.length = k.to(cache.k.dtype), v.to(cache.v.dtype), t
             self._fold(cache, self._window_start(t - 1))  # S, z over the keys left of the last decode window
             return y
@@ -502,27 +489,21 @@ class HybridLinearAttention(Attention):
         cache.length += t
         state = (cache.kv_state, cache.k_state)
         if t == 1:  # every buffered key is in this query's window: no ψ over the buffer is needed
-            y = self._decode_step(q, cache.k, cache.v, state, cache.mask)
+            y = self._decode_step(q, cache.k, cache.v, state)
         else:
             window = "tk" if self.decode_window == "terrace" else "sw"
-            y, _ = self.attend(q, cache.k, cache.v, window=window, block_offset=start % self.window_size, state=state,
-                               key_mask=cache.mask, query_mask=None if cache.mask is None else cache.mask[:, -t:])
+            y, _ = self.attend(q, cache.k, cache.v, window=window, block_offset=start % self.window_size, state=state)
         self._fold(cache, self._window_start(last))  # keep only the window of the last query
         return y
 
-    def _decode_step(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One query (B, H, 1, D) over its whole window k, v (B, Hkv, n, D) plus the linear state (spec §2 decode);
-        ``mask`` (B, n) hides pad keys."""
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState) -> torch.Tensor:
+        """One query (B, H, 1, D) over its whole window k, v (B, Hkv, n, D) plus the linear state (spec §2 decode)."""
         kv_state, k_state = state
         acc = kv_state.dtype
         q, k, v = q.to(acc), self._expand_kv(k, acc), self._expand_kv(v, acc)
         fq = self.feature_map_q(q)  # (B, H, 1, 2F)
         gamma, alpha = self.factors(acc)
         scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, 1, n)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         return _window_plus_linear(scores, v, gamma, alpha, fq @ kv_state, fq @ k_state.unsqueeze(-1))
 
     # ------------------------------------------------------------------------------------------- distillation

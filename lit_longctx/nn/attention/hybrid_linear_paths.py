@@ -98,6 +98,29 @@ def hybrid_attention_quadratic(
         win = win & (keys | ~query_mask[:, None, :, None]) if query_mask is not None else win & keys
     if window == "none":  # pure linear attention: no factors, ε in the denominator
         gamma, alpha = None, 1.0
+    return hybrid_from_masks(q, k, v, fq, fk, gamma, alpha, win, lin, scale=scale, state=state,
+                             return_weights=return_weights)
+
+
+def hybrid_from_masks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor | None,
+    alpha: torch.Tensor | float,
+    win: torch.Tensor,
+    lin: torch.Tensor,
+    *,
+    scale: float,
+    state: LinearState | None = None,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eq. 7 (spec §2 a) over given sets: ``win`` / ``lin`` bool, broadcastable to (B, H, T, S), the window W(i) and
+    the linear set Λ(i) of each query (disjoint; every query needs a window key). ``gamma`` None is pure linear
+    attention (ε in the denominator, α = 1). Other arguments as :func:`hybrid_attention_quadratic`.
+    """
     a = alpha * (fq @ fk.transpose(-1, -2)).masked_fill(~lin, 0.0)  # (B, H, T, S)
     if gamma is not None:
         scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~win, float("-inf"))
