@@ -41,8 +41,8 @@ class _Module:
 
 
 def session_label(module: _Module) -> str:
-    """The session class and the distinct per-layer cache classes it holds, e.g. ``FoTSession(FoTMemoryCache,
-    KVCache)``: what the prompts actually went through."""
+    """The session class and the distinct per-layer cache classes it holds, e.g. ``FoTSession(FoTCache, KVCache)``:
+    what the prompts actually went through."""
     session = module.inference_session(1)
     caches = sorted({type(c).__name__ for c in getattr(getattr(session, "state", None), "caches", [])})
     return f"{type(session).__name__}({', '.join(caches)})" if caches else type(session).__name__
@@ -124,12 +124,12 @@ def harness_acc(module: _Module, include: Path) -> tuple[float, list[str]]:
     return out["results"]["repeat_mc"]["acc,none"], sorted(lm.session_types)
 
 
-def _pairs(specs: list[str], what: str) -> dict[str, str]:
+def _pairs(ap: argparse.ArgumentParser, specs: list[str], what: str) -> dict[str, str]:
     out = {}
     for spec in specs:
         name, sep, value = spec.partition("=")
         if not sep or not name or not value:
-            raise SystemExit(f"error: {what} {spec!r} is not NAME=VALUE")
+            ap.error(f"{what} {spec!r} is not NAME=VALUE")
         out[name] = value
     return out
 
@@ -147,12 +147,17 @@ def main() -> None:
     ap.add_argument("--write", type=Path, default=None, help="results file to update (a section of its own)")
     ap.add_argument("--records", type=Path, default=None, help="write every prompt's record here (json)")
     args = ap.parse_args()
-    checkpoints = _pairs(args.checkpoints, "--checkpoints")
-    sessions = {k: json.loads(v) for k, v in _pairs(args.session, "--session").items()}
+    checkpoints = _pairs(ap, args.checkpoints, "--checkpoints")
+    sessions = {}
+    for name, value in _pairs(ap, args.session, "--session").items():
+        try:
+            sessions[name] = json.loads(value)
+        except json.JSONDecodeError as e:
+            ap.error(f"--session {name}={value!r} is not JSON ({e}); e.g. --session {name}='{{\"top_k\": 3}}'")
     harness = set(checkpoints if args.harness is None else args.harness)
     unknown = (set(sessions) | harness) - set(checkpoints)
     if unknown:
-        raise SystemExit(f"error: --session/--harness name(s) {sorted(unknown)} are not in --checkpoints")
+        ap.error(f"--session/--harness name(s) {sorted(unknown)} are not in --checkpoints")
     torch.set_num_threads(args.threads)
     rows, start, cpu_start, all_records = [], time.time(), time.process_time(), {}
     with tempfile.TemporaryDirectory() as d:
