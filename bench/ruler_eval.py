@@ -138,7 +138,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoints", nargs="+", required=True, help="NAME=PATH pairs")
     ap.add_argument("--session", nargs="+", default=[], help="NAME=JSON session options of a checkpoint")
-    ap.add_argument("--harness", nargs="+", default=None, help="checkpoints to run the harness task on (default all)")
+    ap.add_argument("--harness", nargs="*", default=None,
+                    help="checkpoints to run the harness task on (default all; none when given empty)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024])
     ap.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "vt", "cwe", "fwe"])
     ap.add_argument("--trials", type=int, default=4)
@@ -187,7 +188,7 @@ def main() -> None:
     quoted = {"session": [f"{k}='{json.dumps(v)}'" for k, v in sessions.items()]}
     cmd = "python bench/ruler_eval.py " + " ".join(
         f"--{k} {' '.join(map(str, quoted.get(k, v))) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if k not in ("write", "records") and v is not None and v != [])
+        if k not in ("write", "records") and v is not None and (v or k == "harness"))
     section = "\n".join([
         "## RULER subset and harness pipeline (tiny checkpoints)",
         "",
