@@ -427,8 +427,11 @@ def run_with_one_line_errors(call: Callable[[], Any], argv: list[str] | None = N
     except KeyboardInterrupt:  # Ctrl-C before training started (imports, parsing, loading): nothing to save
         if os.environ.get("LIT_LONGCTX_DEBUG"):
             raise
-        print("lit-longctx: interrupted", file=sys.stderr)
-        sys.exit(130)
+        print("lit-longctx: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # not sys.exit: CPython re-kills itself with SIGINT at exit (status -2) when the interrupt passed through
+        # code run by an extension (PyRun_*) on its way here, so the status would depend on where it landed
+        os._exit(130)
     except Exception as exc:
         line = None if os.environ.get("LIT_LONGCTX_DEBUG") else _one_line(exc, list(argv or []))
         if line is None:
@@ -476,7 +479,29 @@ SUBCOMMANDS: dict[str, Callable[[], Any]] = {
 }
 
 
+def _import_deferring_ctrl_c(module: str) -> None:
+    """Import ``module`` (torch, or Lightning) with Ctrl-C deferred until it is complete: an import interrupted half-way
+    leaves modules broken (numpy's lazy submodules then recurse without end) and ends in a traceback instead of the
+    one "interrupted" line."""
+    import importlib
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        importlib.import_module(module)
+        return
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        importlib.import_module(module)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
 def _dispatch(argv: list[str], explicit: bool) -> Any:
+    _import_deferring_ctrl_c("torch" if argv[0] in SUBCOMMANDS else "lightning.pytorch")
     if argv[0] in SUBCOMMANDS:
         return _run_jsonargparse(SUBCOMMANDS[argv[0]](), argv[1:], f"lit-longctx {argv[0]}")
     _make_cli(argv if explicit else None)
