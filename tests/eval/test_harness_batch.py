@@ -28,7 +28,7 @@ MODELS = {"causal": tiny, "fot": fot_model, "landmark": landmark_model, "lolcats
 SESSIONS = {"causal": "DecodingSession", "fot": "FoTSession", "landmark": "LandmarkSession",
             "lolcats": "HybridLinearSession"}
 # contexts of very different lengths (2 to ~150 bytes: past FoT's 16, landmark's blocks and LoLCATs' 32-token chunk)
-PAIRS = [(TEXT[:n], cont) for n, cont in [(3, " x"), (70, " over"), (135, " and runs away."), (17, "ab"),
+PAIRS = [(TEXT[:n], cont) for n, cont in [(3, " x"), (69, " over"), (135, " and runs away."), (17, "ab"),
                                             (40, " dog."), (1, "Z")]]
 GENS = [(TEXT[:n], {"until": ["."], "max_gen_toks": k}) for n, k in [(5, 6), (90, 6), (30, 6), (120, 4), (12, 4)]]
 
@@ -49,12 +49,16 @@ def test_batched_requests_equal_requests_alone(name):
     rolling = [request("loglikelihood_rolling", c + x) for c, x in PAIRS[:4]]
     gens = [request("generate_until", c, g) for c, g in GENS]
     expected = (alone.loglikelihood(ll), alone.loglikelihood_rolling(rolling), alone.generate_until(gens))
-    dims, handle = batch_dims(model)
-    try:
-        got = (batched.loglikelihood(ll), batched.loglikelihood_rolling(rolling), batched.generate_until(gens))
-    finally:
-        handle.remove()
-    assert max(dims) > 1  # batched forwards happened (landmark sessions split a batch into rows sharing a grid)
+    got, dims = [], []
+    for call, reqs in [(batched.loglikelihood, ll), (batched.loglikelihood_rolling, rolling),
+                       (batched.generate_until, gens)]:
+        seen, handle = batch_dims(model)
+        try:
+            got.append(call(reqs))
+        finally:
+            handle.remove()
+        dims.append(max(seen))
+    assert min(dims) > 1  # each kind ran batched forwards (landmark sessions split a batch into rows sharing a grid)
     for (lp, greedy), (lp1, greedy1) in zip(got[0], expected[0]):
         assert lp == pytest.approx(lp1, abs=1e-5) and greedy == greedy1
     assert got[1] == pytest.approx(expected[1], abs=1e-5)
@@ -92,15 +96,25 @@ def test_bad_batch_size_is_refused():
 
 
 def test_evaluate_batch_size_gives_the_batch_size_1_table(tmp_path, capsys):
-    from lit_longctx.eval.evaluate import evaluate
+    from lit_longctx.cli import main
 
     tasks_dir = mc_task(tmp_path, n=12)
     ckpt = save_checkpoint(tmp_path / "model.ckpt", tiny(), tokenizer=ByteTokenizer())
     tables = []
     for b in (1, 4):
         out = tmp_path / f"out{b}"
-        evaluate(str(ckpt), "tiny_mc", include_path=str(tasks_dir), output_path=str(out), batch_size=b)
+        main(["evaluate", "--checkpoint", str(ckpt), "--tasks", "tiny_mc", "--include_path", str(tasks_dir),
+              "--output_path", str(out), "--batch_size", str(b)])
         results = json.loads((out / "results.json").read_text())["results"]["tiny_mc"]
-        tables.append(((out / "results.md").read_text(), results["acc,none"]))
+        tables.append(((out / "results.md").read_text(), results["acc,none"], results["acc_stderr,none"]))
     capsys.readouterr()
     assert tables[0] == tables[1]
+
+
+def test_bad_batch_size_on_the_command_line_is_one_line(tmp_path, capsys):
+    from tests.cli_helpers import in_process_error
+
+    ckpt = save_checkpoint(tmp_path / "model.ckpt", tiny(), tokenizer=ByteTokenizer())
+    err = in_process_error(capsys, "evaluate", "--checkpoint", str(ckpt), "--tasks", "tiny_mc", "--include_path",
+                           str(mc_task(tmp_path)), "--batch_size", "0")
+    assert err == "error: --batch_size must be >= 1 requests, got 0"
