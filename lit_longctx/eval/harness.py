@@ -11,6 +11,7 @@ little) and scored B at a time as one left-padded batch through a session of bat
 every row fed as it would be alone); ``generate_until`` batches requests with equal generation settings through
 ``generate`` with several prompts. Each row equals the request scored alone; results come back in the request order.
 A session that refuses a padded batch (ValueError, e.g. landmark ``record_retrieval``) scores that batch one by one.
+Sampled generation draws for the rows of a batch together, so its samples (not their distribution) depend on B.
 
 Scoring conventions (those of the harness's HF backend, ``lm_eval.models.huggingface.HFLM``):
 

@@ -27,7 +27,8 @@ def lolcats_model():
 MODELS = {"causal": tiny, "fot": fot_model, "landmark": landmark_model, "lolcats": lolcats_model}
 SESSIONS = {"causal": "DecodingSession", "fot": "FoTSession", "landmark": "LandmarkSession",
             "lolcats": "HybridLinearSession"}
-# contexts of very different lengths (2 to ~150 bytes: past FoT's 16, landmark's blocks and LoLCATs' 32-token chunk)
+# contexts of very different lengths (2 to ~150 bytes: past FoT's 16, landmark's blocks and LoLCATs' 32-token chunk);
+# the two longest requests have equal length mod mem_freq, so a landmark session can put them on one grid (one batch)
 PAIRS = [(TEXT[:n], cont) for n, cont in [(3, " x"), (69, " over"), (135, " and runs away."), (17, "ab"),
                                             (40, " dog."), (1, "Z")]]
 GENS = [(TEXT[:n], {"until": ["."], "max_gen_toks": k}) for n, k in [(5, 6), (90, 6), (30, 6), (120, 4), (12, 4)]]
