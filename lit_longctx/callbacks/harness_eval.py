@@ -27,6 +27,8 @@ class HarnessEvalCallback(L.Callback):
         every_n_steps: also evaluate when the global step is a positive multiple of this (None: only at the end).
         session_kwargs: keyword arguments for ``pl_module.inference_session`` (e.g. FoT's ``last_context_length``).
         max_gen_toks: default generation length for generation tasks that name none.
+        batch_size: requests scored together in one left-padded batch (1: one at a time; each row equals the
+            request alone).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class HarnessEvalCallback(L.Callback):
         every_n_steps: int | None = None,
         session_kwargs: dict[str, Any] | None = None,
         max_gen_toks: int = 64,
+        batch_size: int = 1,
     ) -> None:
         from lit_longctx.eval.evaluate import _harness, _task_list
 
@@ -47,6 +50,9 @@ class HarnessEvalCallback(L.Callback):
         self.every_n_steps = every_n_steps
         self.session_kwargs = dict(session_kwargs or {})
         self.max_gen_toks = max_gen_toks
+        if batch_size < 1:
+            raise ValueError(f"HarnessEvalCallback batch_size must be >= 1 requests, got {batch_size}")
+        self.batch_size = batch_size
         self._task_manager_cls = task_manager_cls
         self._last_step = -1
         self.results: dict[str, Any] = {}
@@ -63,7 +69,8 @@ class HarnessEvalCallback(L.Callback):
         manager = self._task_manager_cls(include_path=self.include_path)
         check_tasks(self.tasks, manager)
         lm = SessionLM(pl_module.model, pl_module.tokenizer, max_gen_toks=self.max_gen_toks,
-                       session_factory=lambda: pl_module.inference_session(batch_size=1, **self.session_kwargs))
+                       session_factory=lambda b: pl_module.inference_session(batch_size=b, **self.session_kwargs),
+                       batch_size=self.batch_size)
         with eval_mode(pl_module.model):
             out = simple_evaluate(model=lm, tasks=self.tasks, limit=self.limit, num_fewshot=self.num_fewshot,
                                   task_manager=manager, log_samples=False)

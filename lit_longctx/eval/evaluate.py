@@ -1,7 +1,8 @@
 """``lit-longctx evaluate``: lm-evaluation-harness tasks on any checkpoint, through the method's inference path.
 
 The checkpoint is read by the same loader as ``generate`` (an HF directory, a converted file, a fit ``.ckpt`` or a run
-directory); :class:`lit_longctx.eval.harness.SessionLM` scores every request through the model's own decoding session.
+directory); :class:`lit_longctx.eval.harness.SessionLM` scores every request through the model's own decoding session,
+``--batch_size`` requests at a time (one left-padded batch, longest requests first; each row equals the request alone).
 Results are written as the harness writes them (``results.json``) plus a markdown table (``results.md``).
 
 The harness's standard tasks (``hellaswag``, ``arc_easy``, ``piqa``, ``winogrande``, ``mmlu``, ...) download their
@@ -63,6 +64,7 @@ def evaluate(
     checkpoint: str,
     tasks: str,
     limit: float | None = None,
+    batch_size: int = 1,
     num_fewshot: int | None = None,
     include_path: str | None = None,
     output_path: str | None = None,
@@ -74,13 +76,16 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score a checkpoint on lm-evaluation-harness tasks through its method's inference path.
 
-    Requests are scored one at a time, each through a fresh session of the method (KV cache, FoT memory, landmark
-    retrieval, LoLCATs state).
+    Requests go through fresh sessions of the method (KV cache, FoT memory, landmark retrieval, LoLCATs state),
+    ``batch_size`` at a time: sorted by length (longest first), left-padded into one batch, each row fed exactly as the
+    request alone would be (so scores do not depend on the batch size); generation requests with equal settings share
+    batches. A session that refuses a padded batch scores that batch one request at a time.
 
     Args:
         checkpoint: an HF directory, a lit-longctx checkpoint, a fit .ckpt or a run directory.
         tasks: comma-separated task names (harness tasks, or tasks defined under include_path).
         limit: at most this many documents per task (a fraction < 1 means that share of them).
+        batch_size: requests scored together (1: one at a time).
         num_fewshot: few-shot examples per prompt (default: the task's own).
         include_path: a directory of extra task YAMLs (e.g. tasks over local json files).
         output_path: directory for results.json and results.md (default: runs/evaluate/NAME-TIME).
@@ -96,6 +101,8 @@ def evaluate(
     from lit_longctx.io import atomic_write_text, check_writable
 
     task_manager_cls = _harness()
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1 requests, got {batch_size}")
     names = _task_list(tasks)
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include_path {include_path!r} is not a directory of task YAMLs")
@@ -116,7 +123,7 @@ def evaluate(
     from lit_longctx.eval.harness import SessionLM
 
     lm = SessionLM(model, tokenizer, session_kwargs=session, max_gen_toks=max_gen_toks,
-                   generator=torch.Generator(device=device).manual_seed(seed))
+                   generator=torch.Generator(device=device).manual_seed(seed), batch_size=batch_size)
     results = simple_evaluate(
         model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager, log_samples=False,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -84,6 +84,41 @@ def per_token_scores(
     return torch.cat(out), torch.cat(greedy)
 
 
+@torch.no_grad()
+def per_token_scores_batch(
+    session: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, slice_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_token_scores` of every row of a left-padded batch at once: (NLL, is-greedy), each (B, N - 1), where
+    ``[b, t]`` scores ``input_ids[b, t + 1]`` given the row's tokens up to ``t``; only where ``attention_mask[b, t]`` is
+    1 (and so is ``t + 1``, by left padding) is it a prediction of a real token (elsewhere NLL is 0, is-greedy False).
+
+    ``session`` is a fresh session of batch size B; its ``padded_logits`` feeds each row as the row alone would be fed
+    (chunks of ``prefill_chunk`` through ``forward_logits``), so every row equals :func:`per_token_scores` of the row.
+    A session that cannot take the padded batch raises ValueError (e.g. landmark ``record_retrieval``).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"per_token_scores_batch scores a batch: input_ids must be (B, N), got "
+                         f"{tuple(input_ids.shape)}")
+    b, n = input_ids.shape
+    if n < 2:
+        raise ValueError(f"a window needs at least 2 tokens to score one prediction, got {n}")
+    nll = torch.zeros(b, n, dtype=torch.float32, device=input_ids.device)  # column n - 1 (no target) is dropped
+    greedy = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)
+    for logits, cols in session.padded_logits(input_ids, attention_mask):
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(cols.shape):
+            raise ValueError(f"{type(session).__name__}.padded_logits must yield logits (B, c, vocab) with cols "
+                             f"(B, c), got {tuple(logits.shape)} and {tuple(cols.shape)}")
+        keep = (cols >= 0) & (cols < n - 1)
+        rows, pos = keep.nonzero(as_tuple=True)
+        src, dst = pos, cols[rows, pos]
+        targets = input_ids[rows, dst + 1]
+        for s in range(0, rows.shape[0], slice_size):
+            part = slice(s, s + slice_size)
+            piece = logits[rows[part], src[part]].float()  # (k, V)
+            nll[rows[part], dst[part]] = F.cross_entropy(piece, targets[part], reduction="none")
+            greedy[rows[part], dst[part]] = piece.argmax(-1) == targets[part]
+    return nll[:, :-1], greedy[:, :-1]
+
 def bucket_sums(nll: torch.Tensor, edges: Sequence[int]) -> tuple[list[float], list[int]]:
     """Sum and count of ``nll[t - 1]`` (the prediction of token t) for t in each bucket ``[edges[i], edges[i+1])``."""
     position = torch.arange(1, nll.shape[0] + 1)

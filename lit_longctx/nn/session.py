@@ -11,7 +11,7 @@ nothing of the model at load time; :mod:`lit_longctx.nn.generate` (sampling, ``g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -102,6 +102,25 @@ class DecodingSession:
         what the method would compute.
         """
         return self.model(ids, state=self.state, attention_mask=attention_mask, return_logits=True).logits.float()
+
+    def padded_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Score a left-padded batch (B, N) as every row alone would be scored: fed in chunks of ``prefill_chunk`` of
+        its own tokens through :meth:`forward_logits` (what ``eval.perplexity.per_token_scores`` does for one row).
+
+        Yields pieces (logits (B, c, V) float32, cols (B, c) long): ``logits[b, i]`` are the logits after
+        ``ids[b, cols[b, i]]``; ``cols`` is -1 where a piece holds no token of the row (pads, filler). Every real
+        token's logits come exactly once. Here the batch is cut into column chunks with the mask, which equals each
+        row's own chunking wherever chunk boundaries do not change the result (a KV cache); methods whose result
+        depends on the calls a row is fed override this.
+        """
+        mask = check_attention_mask(attention_mask, ids)
+        cols = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        if mask is not None:
+            cols = cols.masked_fill(~mask, -1)
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            part = slice(start, start + self.prefill_chunk)
+            yield self.forward_logits(ids[:, part], None if mask is None else mask[:, part]), cols[:, part]
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Ingest (B, N) prompts, left-padded when ``attention_mask`` marks pads; logits (B, V) after each row's

@@ -233,7 +233,7 @@ def test_end_of_fit_harness_evaluation_scores_the_trained_model(tmp_path, corpus
 
     tasks_dir = mc_task(tmp_path, n=4)
     callback = (f"    - class_path: lit_longctx.callbacks.harness_eval.HarnessEvalCallback\n"
-                f"      init_args: {{tasks: tiny_mc, include_path: {tasks_dir}}}\n")
+                f"      init_args: {{tasks: tiny_mc, include_path: {tasks_dir}, batch_size: 3}}\n")
     config = tmp_path / "fit.yaml"
     config.write_text(TINY_CONFIG.format(root=tmp_path, corpus=corpus).replace("  callbacks:\n", "  callbacks:\n" +
                                                                                  callback))

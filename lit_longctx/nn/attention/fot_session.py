@@ -6,6 +6,7 @@ generation evicts the whole local window into memory when it would exceed W (``m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,6 +81,30 @@ class FoTSession(DecodingSession):
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed (B, N) ids with LongLLaMA's schedule; return the float32 logits (B, V) after each row's last token."""
         return self._ingest(ids, attention_mask, all_logits=False)[:, -1]
+
+    def padded_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every row fed its own chunks of ``prefill_chunk`` tokens in one batch: call j gets each row's j-th chunk
+        (left-padded), as the row alone would be fed call by call, since the memory schedule depends on the calls
+        (the first one sends its prefix to memory). A row out of chunks gets one filler token (its own last), which
+        nothing it scored can see; its ``cols`` are -1 there."""
+        mask = check_attention_mask(attention_mask, ids)
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
+        index = [torch.nonzero(row).squeeze(1) for row in mask]  # where each row's tokens are
+        if min(len(i) for i in index) == 0:
+            raise ValueError("no tokens to score: every row needs at least one token (e.g. the tokenizer's BOS)")
+        c = self.prefill_chunk
+        for start in range(0, max(len(i) for i in index), c):
+            cols = [i[start : start + c] if start < len(i) else i[-1:] for i in index]
+            width = max(len(x) for x in cols)
+            part = ids.new_zeros(len(index), width)
+            where = torch.full_like(part, -1)
+            part_mask = torch.zeros_like(part, dtype=torch.bool)
+            for row, (x, own) in enumerate(zip(cols, index)):
+                part[row, width - len(x) :], part_mask[row, width - len(x) :] = ids[row, x], True
+                if start < len(own):
+                    where[row, width - len(x) :] = x
+            yield self.forward_logits(part, part_mask), where
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward(ids, attention_mask)

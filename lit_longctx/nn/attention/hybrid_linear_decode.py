@@ -24,6 +24,8 @@ hand), a ``tk`` padded prompt under ``prefill=forward`` with a sliding decode wi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -175,19 +177,31 @@ def _attend_rows(
 
 
 class HybridLinearSession(DecodingSession):
-    """:class:`DecodingSession` that tells the ``hybrid_linear`` caches, while a first prompt is prefilled, how many
-    of each row's tokens the row alone would put in its forward chunk: min(``prefill_chunk``, its prompt length)."""
+    """:class:`DecodingSession` that tells the ``hybrid_linear`` caches, while a first prompt is prefilled (or scored,
+    :meth:`padded_logits`), how many of each row's tokens the row alone would put in its forward chunk:
+    min(``prefill_chunk``, its prompt length)."""
 
-    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @contextmanager
+    def _prompt(self, ids: torch.Tensor, mask: torch.Tensor | None) -> Iterator[None]:
         from lit_longctx.nn.attention.hybrid_linear import HybridLinearCache
 
-        mask = check_attention_mask(attention_mask, ids)
         lengths = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
         caches = [c for c in self.state.caches if isinstance(c, HybridLinearCache) and c.length == 0]
         for cache in caches:
             cache.forward_len, cache.in_prompt = lengths.clamp_max(self.prefill_chunk), True
         try:
-            return super().prefill(ids, mask)
+            yield
         finally:
             for cache in caches:
                 cache.in_prompt = False
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = check_attention_mask(attention_mask, ids)
+        with self._prompt(ids, mask):
+            return super().prefill(ids, mask)
+
+    def padded_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mask = check_attention_mask(attention_mask, ids)
+        with self._prompt(ids, mask):
+            yield from super().padded_logits(ids, mask)

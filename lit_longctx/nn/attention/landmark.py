@@ -41,6 +41,7 @@ n cached blocks, k' = min(top_k, n).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -474,5 +475,16 @@ class LandmarkSession(DecodingSession):
             return self._grouped(ids, mask, all_logits=True)
         return self._chunked(ids, None, all_logits=True)
 
+
+    def padded_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A padded batch goes in one :meth:`forward_logits` call, which feeds every row its own chunks and landmark
+        grid (only a session's first input may be padded); an unpadded one in chunks, as the base session does."""
+        mask = check_attention_mask(attention_mask, ids)
+        if mask is None or bool(mask.all()):
+            yield from super().padded_logits(ids, None)
+            return
+        cols = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).masked_fill(~mask, -1)
+        yield self.forward_logits(ids, mask), cols
 
 LandmarkAttention.session_class = LandmarkSession
