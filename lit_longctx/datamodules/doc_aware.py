@@ -24,7 +24,6 @@ pipeline per data-parallel rank, with a :class:`DocAwareLoader` whose checkpoint
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -50,7 +49,7 @@ from lit_longctx.datamodules.doc_pipelines import (
 from lit_longctx.datamodules.passkey import LABELS as PASSKEY_LABELS
 from lit_longctx.datamodules.passkey import PasskeyDocuments, init_passkey_options, module_passkey_documents
 from lit_longctx.datamodules.sources import TextSource
-from lit_longctx.datamodules.staged import Segment
+from lit_longctx.datamodules.staged import Segment, read_segments_differ, segment_of, signature
 from lit_longctx.datamodules.text import MixtureStream, TextData, normalize_weights
 from lit_longctx.datamodules.token_files import TokenSplit
 from lit_longctx.eval.passkey import ANSWER_TEMPLATE
@@ -174,16 +173,13 @@ class _PipelineBatches(IterableDataset):
             yield batch, (self.pipeline.state_dict() if in_worker else None)
 
 
-def segment_at(segments: list[Segment], batch: int) -> Segment:
-    """The segment that micro-batch ``batch`` belongs to."""
-    return segments[bisect.bisect_right([s.first_batch for s in segments], batch) - 1]
-
-
 def shape_pipeline(pipeline: DocAware | KPacking | Linear, segments: list[Segment], batch: int) -> None:
-    """Restage ``pipeline`` to the rows and window of micro-batch ``batch``'s segment (no-op when they match)."""
-    seg = segment_at(segments, batch)
-    if (pipeline.batch_size, pipeline.seq_len) != (seg.batch_size, seg.seq_len):
-        pipeline.restage(seg.batch_size, seg.seq_len)
+    """Restage ``pipeline`` to the rows and window of micro-batch ``batch``'s segment (no-op when they match), and
+    scale its passkey documents to that window (a fresh pipeline has the configured lengths, the first stage's)."""
+    seg = segments[segment_of(segments, batch)]
+    if (pipeline.batch_size, pipeline.seq_len) == (seg.batch_size, seg.seq_len):
+        return
+    pipeline.restage(seg.batch_size, seg.seq_len)
     mixture = getattr(pipeline.stream.source, "stream", None)  # a DocumentShard of DocAwareData's documents
     for component in getattr(mixture, "components", []):
         if isinstance(component, PasskeyDocumentStream):
@@ -273,7 +269,7 @@ class DocAwareLoader(DataLoader):
         state = {"identity": self.identity, "world_size": self.world_size, "epoch": self.epoch, "batch": self.batch,
                  "ranks": {self.rank: self.pipeline.state_dict()}}
         if self.segments is not None:
-            state["segments"] = _signature(self.segments)
+            state["segments"] = signature(self.segments)
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -309,18 +305,11 @@ class DocAwareLoader(DataLoader):
 
     def _segment_problems(self, state_dict: dict[str, Any]) -> list[str]:
         """Segments read before the save must be the same now (the rows continue them); later ones may differ."""
-        saved, mine = state_dict.get("segments"), _signature(self.segments) if self.segments else None
-        if saved is None or mine is None:
-            return [f"context schedule {saved is not None} (now {mine is not None})"]
-        done = state_dict["batch"]
-        used = [s for s in saved if s[0] < done]
-        if [tuple(s) for s in mine[:len(used)]] != [tuple(s) for s in used]:
-            return [f"stages (first micro-batch, seq_len, micro_batch) {used} (now {mine[:len(used)]})"]
-        return []
-
-
-def _signature(segments: list[Segment]) -> list[list[int]]:
-    return [[s.first_batch, s.seq_len, s.batch_size] for s in segments]
+        saved = state_dict.get("segments")
+        if saved is None or self.segments is None:
+            return [f"context schedule {saved is not None} (now {self.segments is not None})"]
+        problem = read_segments_differ(saved, self.segments, state_dict["batch"])
+        return [] if problem is None else [problem]
 
 
 class _EvalBatches(IterableDataset):
@@ -514,13 +503,13 @@ class DocAwareData(TextData):
         tokens = sum(n * (c.mean_length + 2) for n, c in zip(counts, documents.components))
         return max(1, math.ceil(tokens / (self.batch_size * self.seq_len * world_size)))
 
-    def _pipeline_options(self, loop: bool = True) -> dict[str, Any]:
+    def _pipeline(self, name: str, documents: DocumentSource, loop: bool,
+                  shape: Segment | None = None) -> DocAware | KPacking | Linear:
+        """The pipeline ``name`` at this module's batch size and length, or at those of segment ``shape``."""
         tok = self.tokenizer
-        return {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.bos_id is not None,
-                "add_eos": tok.eos_id is not None, "loop": loop}
-
-    def _pipeline(self, name: str, documents: DocumentSource, loop: bool) -> DocAware | KPacking | Linear:
-        return build_pipeline(name, documents, self.batch_size, self.seq_len, **self._pipeline_options(loop))
+        batch_size, seq_len = (self.batch_size, self.seq_len) if shape is None else (shape.batch_size, shape.seq_len)
+        return build_pipeline(name, documents, batch_size, seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                              add_bos=tok.bos_id is not None, add_eos=tok.eos_id is not None, loop=loop)
 
     def state_identity(self) -> dict[str, Any]:
         """What a saved training state depends on (under a context schedule the segments replace the shape)."""
@@ -550,11 +539,9 @@ class DocAwareData(TextData):
         if len(shard) == 0:
             raise ValueError(f"the training data has {documents.num_samples} documents per pass, fewer than the "
                              f"{world_size} data-parallel ranks: add data or use fewer devices")
-        if self._stages is not None:  # one "epoch" is the whole run; the pipeline restages at segment starts
-            segments, total = self._stages
-            first = segments[0]
-            pipeline = build_pipeline(self.data_pipeline, shard, first.batch_size, first.seq_len,
-                                      **self._pipeline_options())
+        if self._stages is not None:  # one "epoch" is the whole run; the loader restages the pipeline per segment
+            segments, total = self._stages  # built at the first stage's shape, which its passkey lengths are for
+            pipeline = self._pipeline(self.data_pipeline, shard, loop=True, shape=segments[0])
             loader = DocAwareLoader(pipeline, total, self.num_workers, rank, world_size, self.state_identity(),
                                     segments)
         else:

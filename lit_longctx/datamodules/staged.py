@@ -47,6 +47,26 @@ class Segment:
     batch_size: int
 
 
+def segment_of(segments: Sequence[Segment], batch: int) -> int:
+    """Index of the segment that micro-batch ``batch`` belongs to."""
+    return bisect.bisect_right([s.first_batch for s in segments], batch) - 1
+
+
+def signature(segments: Sequence[Segment]) -> list[list[int]]:
+    """The plan as a checkpoint records it: [first micro-batch, seq_len, micro_batch] per segment."""
+    return [[s.first_batch, s.seq_len, s.batch_size] for s in segments]
+
+
+def read_segments_differ(saved: Sequence[Sequence[int]], segments: Sequence[Segment], done: int) -> str | None:
+    """Why a state saved after ``done`` micro-batches of the plan ``saved`` cannot continue under ``segments``: the
+    segments already (partly) read must be the same (later ones may be edited before resuming); None when it can."""
+    used = [tuple(s) for s in saved if s[0] < done]
+    mine = [tuple(s) for s in signature(segments)][: len(used)]
+    if mine == used:
+        return None
+    return f"stages (first micro-batch, seq_len, micro_batch) {used} up to micro-batch {done} (now {mine})"
+
+
 @dataclass
 class _Built:
     segment: Segment
@@ -59,14 +79,11 @@ class StagedStream(IterableDataset):
 
     def __init__(self, built: list[_Built], rank: int, world_size: int, start: int = 0, end: int = 0) -> None:
         self.built, self.rank, self.world_size = built, rank, world_size
-        self.firsts = [b.segment.first_batch for b in built]
+        self.segments = [b.segment for b in built]
         self.start, self.end = start, end
 
-    def segment_of(self, batch: int) -> int:
-        return bisect.bisect_right(self.firsts, batch) - 1
-
     def batch(self, index: int) -> dict[str, Any]:
-        s = self.segment_of(index)
+        s = segment_of(self.segments, index)
         seg, stream = self.built[s].segment, self.built[s].stream
         local = index - seg.first_batch
         rows = [self.rank + self.world_size * (local * seg.batch_size + i) for i in range(seg.batch_size)]
@@ -130,11 +147,8 @@ class StagedLoader(DataLoader):
             self.next_batch += 1  # before handing out: a state saved while the batch is used points past it
             yield batch
 
-    def _signature(self) -> list[list[int]]:
-        return [[s.first_batch, s.seq_len, s.batch_size] for s in self.segments]
-
     def state_dict(self) -> dict[str, Any]:
-        return {"next_batch": self.next_batch, "seed": self.seed, "segments": self._signature()}
+        return {"next_batch": self.next_batch, "seed": self.seed, "segments": signature(self.segments)}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         if "next_batch" not in state_dict:
@@ -146,13 +160,7 @@ class StagedLoader(DataLoader):
             raise ValueError(f"the checkpoint's data was seeded with seed={state_dict['seed']} but this datamodule "
                              f"has seed={self.seed}: set seed={state_dict['seed']} to resume that run")
         done = state_dict["next_batch"]
-        saved = [tuple(s) for s in state_dict["segments"]]
-        mine = [tuple(s) for s in self._signature()]
-        # the stages that were already (partly) read must be the same; later ones may be edited before resuming
-        used = [s for s in saved if s[0] < done]
-        if mine[:len(used)] != used:
-            raise ValueError(
-                f"the checkpoint was trained with stages (first micro-batch, seq_len, micro_batch) {used} up to "
-                f"micro-batch {done}, but this schedule has {mine[:len(used)]}: resume with the same stages"
-            )
+        problem = read_segments_differ(state_dict["segments"], self.segments, done)
+        if problem is not None:
+            raise ValueError(f"the checkpoint was trained with {problem}: resume with the same stages")
         self.next_batch = done
