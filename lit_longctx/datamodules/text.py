@@ -408,33 +408,36 @@ class TextData(LongCtxDataModule):
         print(f"lit-longctx: warning: no validation set: {why}, or set data.init_args.val_fraction=0 to train "
               "without validation", file=sys.stderr)
 
-    def train_stream(self) -> MixtureStream:
-        order = "shuffled" if self.shuffle else "sequential"
-        streams = [TokenStream(s["train"], self.seq_len, order, self.seed) for s in self.open()]
-        return MixtureStream(streams, [s.weight for s in self.sources], self.seed)
+    def _mixture(self, seq_len: int, order: str, offsets: Sequence[int] | None = None) -> MixtureStream:
+        """Every source's training rows of ``seq_len`` (``sequential`` ones from ``offsets`` tokens in, one per
+        source), blended by source weight."""
+        splits = self.open()
+        offsets = list(offsets) if offsets is not None else [0] * len(splits)
+        streams = [TokenStream(split["train"], seq_len, order, self.seed, offset=o)
+                   for split, o in zip(splits, offsets)]
+        return MixtureStream(streams, [source.weight for source in self.sources], self.seed)
 
-    def stage_stream(self, seq_len: int, token_offset: int | tuple) -> SampleStream:
-        """Rows of ``seq_len`` continuing every weighted source's stream where the previous stages left it
-        (``token_offset``: one count, or one per weighted source as :meth:`MixtureStream.stream_tokens` gives), in
-        the same blend (context schedules)."""
-        weighted = [s for s, src in zip(self.open(), self.sources) if src.weight > 0]
+    def train_stream(self) -> MixtureStream:
+        return self._mixture(self.seq_len, "shuffled" if self.shuffle else "sequential")
+
+    def stage_stream(self, seq_len: int, token_offset: int | tuple) -> MixtureStream:
+        """Rows of ``seq_len`` continuing every source's stream where the previous stages left it (``token_offset``:
+        0 at the start, else what :meth:`MixtureStream.stream_tokens` gives: one count, or one per source), in the
+        same blend (context schedules)."""
         if self.shuffle:
             raise ValueError(
                 "a context schedule re-cuts each source's token stream at the new length from where the last stage "
                 "stopped, which needs the sources read in order: set data.init_args.shuffle: false (or pre-tokenize "
                 "into TokenFiles with train_order random)"
             )
-        offsets = list(token_offset) if isinstance(token_offset, (tuple, list)) else [token_offset]
-        if offsets == [0]:
-            offsets = [0] * len(weighted)
-        if len(offsets) != len(weighted):
-            raise ValueError(f"{len(offsets)} stream positions for {len(weighted)} weighted sources: resume with the "
-                             "sources and weights of that run")
-        streams = [TokenStream(split["train"], seq_len, "sequential", self.seed, offset=o)
-                   for split, o in zip(weighted, offsets)]
-        if len(streams) == 1:
-            return streams[0]
-        return MixtureStream(streams, [src.weight for src in self.sources if src.weight > 0], self.seed)
+        n = len(self.sources)
+        if isinstance(token_offset, tuple):
+            offsets = list(token_offset)
+        else:  # the start (0 for every source) or the one source's count
+            offsets = [token_offset] * (n if token_offset == 0 else 1)
+        if len(offsets) != n:
+            raise ValueError(f"{len(offsets)} stream positions for {n} sources: resume with the sources of that run")
+        return self._mixture(seq_len, "sequential", offsets)
 
     def val_dataset(self) -> Dataset | None:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
