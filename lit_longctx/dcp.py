@@ -72,12 +72,25 @@ def read_metadata(directory: Path) -> Any:
         ) from err
 
 
+#: directories verified in this process, with the (name, size, mtime) of every file in them: a resume reaches the
+#: directory when the command resolves ``--ckpt_path`` and again when the strategy loads it
+_VERIFIED: set[tuple[Path, tuple]] = set()
+
+
 def verify(directory: str | Path) -> None:
     """Raise :class:`~lit_longctx.hf.CheckpointError` unless the distributed checkpoint at ``directory`` holds only
     data (see the module docstring)."""
+    root = Path(directory).resolve()
+    files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in root.iterdir() if f.is_file()))
+    key = (root, files)
+    if key not in _VERIFIED:
+        _verify(root)
+        _VERIFIED.add(key)
+
+
+def _verify(root: Path) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-    root = Path(directory).resolve()
     metadata = read_metadata(root)
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"refusing {str(root / '.metadata')!r}: it holds a {type(metadata).__name__}, not "

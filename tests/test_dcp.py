@@ -49,10 +49,11 @@ def test_a_real_checkpoint_passes_and_its_metadata_matches_torch(tmp_path):
 
 def test_crafted_metadata_is_refused_and_runs_nothing(tmp_path):
     save(tmp_path / "ck")
+    verify(tmp_path / "ck")  # passes, and is remembered for the directory as it is now
     marker = tmp_path / "pwned"
     (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(CheckpointError, match="not plain distributed-checkpoint metadata.*run code"):
-        verify(tmp_path / "ck")
+        verify(tmp_path / "ck")  # a changed file is checked again
     assert not marker.exists()
     with contextlib.suppress(Exception):  # torch's reader runs the payload (and may fail on what it returned)
         dcp.FileSystemReader(str(tmp_path / "ck")).read_metadata()
