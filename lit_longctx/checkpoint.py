@@ -49,9 +49,10 @@ FOLLOWS: dict[str, tuple[str, ...]] = {}
 StateHook = Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
 _STATE_HOOKS: dict[str, StateHook] = {}
 
-#: modules declaring ``CHECKPOINT_STATE_HOOKS`` (extra key -> hook), registered by the first read; they must stay light
+#: modules declaring ``CHECKPOINT_STATE_HOOKS`` (extra key -> hook) not registered yet (the first read registers
+#: them, so reading stays free of their imports until then); they must stay light
 #: (no Lightning: ``generate`` and ``serve`` read checkpoints without importing it) and need not import this module
-_STATE_HOOK_MODULES = ("lit_longctx.nn.lora",)
+_STATE_HOOK_MODULES = ["lit_longctx.nn.lora"]
 #: the package whose import registers every built-in method (imports Lightning: only when a method is looked up)
 _METHOD_PACKAGE = "lit_longctx.modules"
 
@@ -86,8 +87,8 @@ def _apply_state_hooks(
     state: dict[str, torch.Tensor], extra: dict[str, Any], with_weights: bool
 ) -> dict[str, torch.Tensor]:
     """Run the registered hooks of the entries in ``extra`` (popped from it) over ``state``."""
-    for module in _STATE_HOOK_MODULES:
-        for key, hook in importlib.import_module(module).CHECKPOINT_STATE_HOOKS.items():
+    while _STATE_HOOK_MODULES:  # declared hooks are registered by the first read
+        for key, hook in importlib.import_module(_STATE_HOOK_MODULES.pop()).CHECKPOINT_STATE_HOOKS.items():
             register_state_hook(key, hook)
     for key in [k for k in extra if k in _STATE_HOOKS]:
         value = extra.pop(key)
