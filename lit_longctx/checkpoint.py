@@ -95,6 +95,7 @@ def _apply_state_hooks(
         state = _STATE_HOOKS[key](state, value) if with_weights else {}
     return state
 
+
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json")
 

@@ -119,6 +119,7 @@ def per_token_scores_batch(
             greedy[rows[part], dst[part]] = piece.argmax(-1) == targets[part]
     return nll[:, :-1], greedy[:, :-1]
 
+
 def bucket_sums(nll: torch.Tensor, edges: Sequence[int]) -> tuple[list[float], list[int]]:
     """Sum and count of ``nll[t - 1]`` (the prediction of token t) for t in each bucket ``[edges[i], edges[i+1])``."""
     position = torch.arange(1, nll.shape[0] + 1)

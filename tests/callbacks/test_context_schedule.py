@@ -202,7 +202,6 @@ def test_step_accumulation_scheduler_alone_equals_manual_accumulation(tmp_path):
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
 
 
-
 def test_checkpoint_and_hf_export_carry_the_stage_rope(tmp_path):
     """transformers loads the export of a stage-3 checkpoint with yarn RoPE and its logits equal ours."""
     from transformers import LlamaForCausalLM

@@ -104,6 +104,7 @@ def longllama_layout(hf: dict[str, Any]) -> dict[str, Any] | None:
     options = {key: hf[key] for key in (*LONGLLAMA_KEYS, *JAX_KEYS) if key in hf}
     return {"layer_attention": {i: "fot" for i in layers}, "attention_options": {"fot": options}}
 
+
 # ----------------------------------------------------------------------------------------------- the attention kind
 @register_attention("fot")
 class FoTAttention(Attention):

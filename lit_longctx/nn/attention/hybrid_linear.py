@@ -113,6 +113,7 @@ DISTILL_XENT = "distill_xent"
 #: ``output.extras[DISTILL_LOSSES][layer_idx] -> {"mse": tensor, "xent": tensor}`` after a distill forward.
 DISTILL_LOSSES = "distill_losses"
 
+
 # ------------------------------------------------------------------------------------------------------ feature map
 def softmax_features(xw: torch.Tensor, eps: float = FEATURE_EPS) -> torch.Tensor:
     """(…, F) projections xW -> (…, 2F) features [softmax(xW), softmax(−xW)], clamped below at ``eps``."""

@@ -475,7 +475,6 @@ class LandmarkSession(DecodingSession):
             return self._grouped(ids, mask, all_logits=True)
         return self._chunked(ids, None, all_logits=True)
 
-
     def padded_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A padded batch goes in one :meth:`forward_logits` call, which feeds every row its own chunks and landmark
@@ -486,5 +485,6 @@ class LandmarkSession(DecodingSession):
             return
         cols = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).masked_fill(~mask, -1)
         yield self.forward_logits(ids, mask), cols
+
 
 LandmarkAttention.session_class = LandmarkSession
