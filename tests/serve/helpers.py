@@ -138,3 +138,12 @@ def serving_in_thread(checkpoint: Path, **options) -> Iterator[Server]:
         server.should_exit = True
         thread.join(10)
         app.state.worker.shutdown(wait=True, cancel_futures=True)
+
+
+def wait_until(server, done, timeout: float = 30) -> dict:
+    """Poll ``server.health()`` until ``done(health)``; the last health (the test fails with it after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not done(h := server.health()):
+        assert time.monotonic() < deadline, h
+        time.sleep(0.01)
+    return h

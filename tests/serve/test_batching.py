@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -24,18 +23,10 @@ import torch
 from lit_longctx.checkpoint import load_model, save_checkpoint
 from lit_longctx.nn import ModelConfig, generate
 from lit_longctx.tokenizers import ByteTokenizer
-from tests.serve.helpers import BASE, method_checkpoint, random_model, serving_in_thread
+from tests.serve.helpers import BASE, method_checkpoint, random_model, serving_in_thread, wait_until
 
 HOLD = {"max_samples": 256}  # server option: the hold below may ask for 256 samples
 LONG = " ".join(f"line {i} of a prompt several landmark chunks long." for i in range(5))  # 250 tokens
-
-
-def wait_until(server, done, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while not done(h := server.health()):
-        assert time.monotonic() < deadline, h
-        time.sleep(0.01)
-    return h
 
 
 @contextlib.contextmanager

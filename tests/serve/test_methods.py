@@ -18,7 +18,7 @@ import torch
 from lit_longctx.checkpoint import load_model
 from lit_longctx.nn import generate, session_for
 from lit_longctx.nn.attention.hybrid_linear import HybridLinearCache
-from tests.serve.helpers import method_checkpoint, serving_in_thread
+from tests.serve.helpers import method_checkpoint, serving_in_thread, wait_until
 
 SESSIONS = {"fot": "FoTSession", "landmark": "LandmarkSession", "lolcats_lora": "HybridLinearSession"}
 TEXT = ("In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with the ends of worms "
@@ -38,14 +38,6 @@ def servers(tmp_path_factory):
             model, tok, _ = load_model(path)
             out[name] = server, model.eval(), tok
         yield out
-
-
-def wait_until(server, done, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while not done(h := server.health()):
-        assert time.monotonic() < deadline, h
-        time.sleep(0.05)
-    return h
 
 
 @pytest.mark.parametrize("name", list(SESSIONS))
