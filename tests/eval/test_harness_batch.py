@@ -94,6 +94,10 @@ def test_a_session_refusing_padded_batches_falls_back_to_one_at_a_time():
 def test_bad_batch_size_is_refused():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         SessionLM(tiny(), ByteTokenizer(), batch_size=0)
+    from lit_longctx.callbacks.harness_eval import HarnessEvalCallback
+
+    with pytest.raises(ValueError, match="HarnessEvalCallback batch_size must be >= 1 requests, got 0"):
+        HarnessEvalCallback(tasks="arc_easy", batch_size=0)
 
 
 def test_evaluate_batch_size_gives_the_batch_size_1_table(tmp_path, capsys):
