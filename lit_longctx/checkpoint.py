@@ -53,6 +53,12 @@ _STATE_HOOKS: dict[str, StateHook] = {}
 #: them, so reading stays free of their imports until then); they must stay light
 #: (no Lightning: ``generate`` and ``serve`` read checkpoints without importing it) and need not import this module
 _STATE_HOOK_MODULES = ["lit_longctx.nn.lora"]
+#: a foreign-format recogniser: (checkpoint dict, source) -> the one-line message for a file of that format, or None
+ForeignFormat = Callable[[dict[str, Any], str], "str | None"]
+_FOREIGN_FORMATS: list[ForeignFormat] = []
+#: modules declaring ``CHECKPOINT_FOREIGN_FORMATS`` (a list of recognisers), registered when a file is not ours; they
+#: may import this module
+_FOREIGN_FORMAT_MODULES = ["lit_longctx.lolcats_import"]
 #: the package whose import registers every built-in method (imports Lightning: only when a method is looked up)
 _METHOD_PACKAGE = "lit_longctx.modules"
 
@@ -81,6 +87,24 @@ def register_state_hook(key: str, hook: StateHook) -> None:
     if _STATE_HOOKS.get(key, hook) is not hook:
         raise ValueError(f"a checkpoint state hook for extra[{key!r}] is already registered")
     _STATE_HOOKS[key] = hook
+
+
+def register_foreign_format(recognise: ForeignFormat) -> None:
+    """A file that is no lit-longctx checkpoint is shown to ``recognise``; its message (e.g. the converter to run)
+    replaces the generic one."""
+    if recognise not in _FOREIGN_FORMATS:
+        _FOREIGN_FORMATS.append(recognise)
+
+
+def _foreign_format_message(ckpt: dict[str, Any], source: str) -> str | None:
+    while _FOREIGN_FORMAT_MODULES:
+        for recognise in importlib.import_module(_FOREIGN_FORMAT_MODULES.pop()).CHECKPOINT_FOREIGN_FORMATS:
+            register_foreign_format(recognise)
+    for recognise in _FOREIGN_FORMATS:
+        message = recognise(ckpt, source)
+        if message:
+            return message
+    return None
 
 
 def _apply_state_hooks(
@@ -206,12 +230,9 @@ def _from_dict(ckpt: dict[str, Any], source: str, with_weights: bool = True) -> 
         return LoadedCheckpoint(ModelConfig.from_dict(meta["model_config"]), state, meta.get("method", "causal"),
                                 meta.get("tokenizer_files", {}), extra, source)
     keys = sorted(ckpt)[:10]
-    if "model_state_dict" in ckpt:
-        raise CheckpointError(
-            f"{source} is a LoLCATs reference checkpoint (feature maps / LoRA only): assemble it onto its base model "
-            "with `lit-longctx convert from-lolcats --base HF_DIR --distill RUN_distill.pt [--finetune RUN_ft.pt] "
-            "--output model.ckpt` and use that file"
-        )
+    message = _foreign_format_message(ckpt, source)
+    if message:
+        raise CheckpointError(message)
     raise CheckpointError(
         f"{source} is not a lit-longctx checkpoint (top-level keys {keys}); give an HF directory, a file written by "
         "`lit-longctx convert from-hf` or a .ckpt written by `lit-longctx fit`"

@@ -30,6 +30,19 @@ from lit_longctx.checkpoint import FORMAT, LoadedCheckpoint, read_checkpoint
 from lit_longctx.hf import CheckpointError
 
 HYBRID = "hybrid_linear"
+
+
+def recognise_reference_checkpoint(ckpt: dict[str, Any], source: str) -> str | None:
+    """The message for a reference ``{'model_state_dict': ...}`` file given where a lit-longctx checkpoint goes."""
+    if "model_state_dict" not in ckpt:
+        return None
+    return (f"{source} is a LoLCATs reference checkpoint (feature maps / LoRA only): assemble it onto its base model "
+            "with `lit-longctx convert from-lolcats --base HF_DIR --distill RUN_distill.pt [--finetune RUN_ft.pt] "
+            "--output model.ckpt` and use that file")
+
+
+#: read by :mod:`lit_longctx.checkpoint` when a file is not a lit-longctx checkpoint
+CHECKPOINT_FOREIGN_FORMATS = [recognise_reference_checkpoint]
 _PREFIXES = ("_orig_mod.", "base_model.model.")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(.+)$")
 _LORA = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj)\.lora_([AB])\.[\w-]+\.weight$")

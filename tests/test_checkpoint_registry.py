@@ -111,3 +111,20 @@ def test_a_method_name_is_registered_once(monkeypatch):
     assert checkpoint.METHODS == {"toy": "pkg.Toy"} and checkpoint.FOLLOWS == {"toy": ("causal",)}
     with pytest.raises(ValueError, match="'toy' is already registered as pkg.Toy"):
         register_method("toy", "pkg.Other")
+
+
+def test_a_registered_foreign_format_names_its_converter_and_others_get_the_generic_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_FOREIGN_FORMATS", [])
+    monkeypatch.setattr(checkpoint, "_FOREIGN_FORMAT_MODULES", ["lit_longctx.lolcats_import"])
+    checkpoint.register_foreign_format(lambda ckpt, source: f"{source} is a toy file: run toy-convert" if "toy" in ckpt
+                                       else None)
+    torch.save({"toy": torch.zeros(1)}, tmp_path / "toy.pt")
+    torch.save({"model_state_dict": {}}, tmp_path / "ref.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"toy\.pt is a toy file: run toy-convert"):
+        read_checkpoint(tmp_path / "toy.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="LoLCATs reference checkpoint.*convert from-lolcats"):
+        read_checkpoint(tmp_path / "ref.pt")  # the declared module registered its recogniser on the first miss
+    assert checkpoint._FOREIGN_FORMAT_MODULES == [] and len(checkpoint._FOREIGN_FORMATS) == 2
+    with pytest.raises(checkpoint.CheckpointError, match=r"is not a lit-longctx checkpoint \(top-level keys \['weights'\]"):
+        read_checkpoint(tmp_path / "other.pt")
