@@ -24,7 +24,9 @@ pip_install() {  # quiet: pip's notes about this machine's local indexes are noi
 # One wheel per pip call: pip downloads every wheel of a call before it unpacks any, so installing torch's ~3.5 GB
 # of CUDA wheels in one call needs that much free space on top of the ~7 GB venv; one at a time the extra is the
 # largest single wheel (cudnn, ~0.7 GB). torch first without its dependencies, then each of them as its metadata
-# lists them (pins and platform markers included), then torch_xla and the rest (already satisfied where installed).
+# lists them (pins and platform markers included) and also without dependencies (the CUDA wheels depend on each
+# other unpinned: pip would fetch newer ones, then replace them with torch's pins), then torch_xla and the rest,
+# whose call adds what is still missing (e.g. sympy's mpmath).
 pip_install --no-cache-dir --no-deps "torch==2.9.0"
 mapfile -t TORCH_DEPS < <("$VENV/bin/python" - <<'PY'
 from importlib.metadata import requires
@@ -36,9 +38,10 @@ for spec in requires("torch") or []:
 PY
 )
 for dep in "${TORCH_DEPS[@]}"; do  # pip's notes that torch's other dependencies are not installed *yet* are noise
-  pip_install --no-cache-dir "$dep" | { grep -v -e "which is not installed" -e "dependency resolver does not" || true; }
+  pip_install --no-cache-dir --no-deps "$dep" | { grep -v -e "which is not installed" -e "dependency resolver does not" || true; }
 done
 pip_install --no-cache-dir "torch==2.9.0" "torch_xla==2.9.0"
 pip_install --no-cache-dir "${REQS[@]}"
+"$VENV/bin/python" -m pip check --disable-pip-version-check  # the wheels installed one by one agree (pins included)
 "$VENV/bin/python" -c "import torch, torch_xla, lightning; assert torch.__version__.startswith('2.9.0'), torch.__version__"
 echo "${REQS[*]}" > "$STAMP"
