@@ -15,6 +15,16 @@ REQS=("torch==2.9.0" "lightning>=2.4" "torchmetrics>=1.3" "transformers>=4.45" "
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "${REQS[*]}" ]] && "$VENV/bin/python" -c "import torch_xla" 2>/dev/null; then
   exit 0
 fi
+# Free space: the venv is ~7.8 GB (torch 2.9 is PyPI's CUDA build) plus the largest wheel while it installs (below).
+# Short of it: one error line and exit status 75, which scripts/ci/xla.sh tells apart from a failed install.
+NEED_MB="${XLA_NEED_MB:-9000}"
+mkdir -p "$(dirname "$VENV")"
+have=$(df -Pm "$(dirname "$VENV")" | awk 'NR == 2 {print $4}')
+if (( have < NEED_MB )); then
+  echo "error: the torch 2.9 + torch_xla venv needs about $NEED_MB MB free at $(dirname "$VENV"); $have MB are." \
+    "Free some space, or give a VENV_DIR (or XLA_VENV) on a larger disk" >&2
+  exit 75
+fi
 PY="${PYTHON:-python3}"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 pip_install() {  # quiet: pip's notes about this machine's local indexes are noise in CI logs
