@@ -49,16 +49,14 @@ FOLLOWS: dict[str, tuple[str, ...]] = {}
 StateHook = Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
 _STATE_HOOKS: dict[str, StateHook] = {}
 
-#: modules declaring ``CHECKPOINT_STATE_HOOKS`` (extra key -> hook) not registered yet (the first read registers
-#: them, so reading stays free of their imports until then); they must stay light
-#: (no Lightning: ``generate`` and ``serve`` read checkpoints without importing it) and need not import this module
-_STATE_HOOK_MODULES = ["lit_longctx.nn.lora"]
 #: a foreign-format recogniser: (checkpoint dict, source) -> the one-line message for a file of that format, or None
 ForeignFormat = Callable[[dict[str, Any], str], "str | None"]
 _FOREIGN_FORMATS: list[ForeignFormat] = []
-#: modules declaring ``CHECKPOINT_FOREIGN_FORMATS`` (a list of recognisers), registered when a file is not ours; they
-#: may import this module
-_FOREIGN_FORMAT_MODULES = ["lit_longctx.lolcats_import"]
+#: modules declaring ``CHECKPOINT_STATE_HOOKS`` (extra key -> hook) and/or ``CHECKPOINT_FOREIGN_FORMATS``
+#: (recognisers), not registered yet: the first read registers them, so importing this module stays free of theirs;
+#: they must stay light (no Lightning: ``generate`` and ``serve`` read checkpoints without importing it) and may
+#: import this module
+_DECLARING_MODULES = ["lit_longctx.nn.lora", "lit_longctx.lolcats_import"]
 #: the package whose import registers every built-in method (imports Lightning: only when a method is looked up)
 _METHOD_PACKAGE = "lit_longctx.modules"
 
@@ -96,10 +94,18 @@ def register_foreign_format(recognise: ForeignFormat) -> None:
         _FOREIGN_FORMATS.append(recognise)
 
 
-def _foreign_format_message(ckpt: dict[str, Any], source: str) -> str | None:
-    while _FOREIGN_FORMAT_MODULES:
-        for recognise in importlib.import_module(_FOREIGN_FORMAT_MODULES.pop()).CHECKPOINT_FOREIGN_FORMATS:
+def _register_declared() -> None:
+    """Register the hooks and recognisers of :data:`_DECLARING_MODULES` (once: the list empties)."""
+    while _DECLARING_MODULES:
+        module = importlib.import_module(_DECLARING_MODULES.pop())
+        for key, hook in getattr(module, "CHECKPOINT_STATE_HOOKS", {}).items():
+            register_state_hook(key, hook)
+        for recognise in getattr(module, "CHECKPOINT_FOREIGN_FORMATS", ()):
             register_foreign_format(recognise)
+
+
+def _foreign_format_message(ckpt: dict[str, Any], source: str) -> str | None:
+    _register_declared()
     for recognise in _FOREIGN_FORMATS:
         message = recognise(ckpt, source)
         if message:
@@ -111,9 +117,7 @@ def _apply_state_hooks(
     state: dict[str, torch.Tensor], extra: dict[str, Any], with_weights: bool
 ) -> dict[str, torch.Tensor]:
     """Run the registered hooks of the entries in ``extra`` (popped from it) over ``state``."""
-    while _STATE_HOOK_MODULES:  # declared hooks are registered by the first read
-        for key, hook in importlib.import_module(_STATE_HOOK_MODULES.pop()).CHECKPOINT_STATE_HOOKS.items():
-            register_state_hook(key, hook)
+    _register_declared()  # declared hooks are registered by the first read
     for key in [k for k in extra if k in _STATE_HOOKS]:
         value = extra.pop(key)
         state = _STATE_HOOKS[key](state, value) if with_weights else {}

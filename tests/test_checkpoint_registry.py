@@ -79,7 +79,7 @@ def test_a_reader_importing_only_checkpoint_merges_adapters_and_knows_every_meth
 
 def test_a_registered_state_hook_runs_in_both_reader_forms(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_STATE_HOOKS", {})
-    monkeypatch.setattr(checkpoint, "_STATE_HOOK_MODULES", ())
+    monkeypatch.setattr(checkpoint, "_DECLARING_MODULES", [])
     calls = []
 
     def scale_all(state, factor):
@@ -115,7 +115,7 @@ def test_a_method_name_is_registered_once(monkeypatch):
 
 def test_a_registered_foreign_format_names_its_converter_and_others_get_the_generic_message(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_FOREIGN_FORMATS", [])
-    monkeypatch.setattr(checkpoint, "_FOREIGN_FORMAT_MODULES", ["lit_longctx.lolcats_import"])
+    monkeypatch.setattr(checkpoint, "_DECLARING_MODULES", ["lit_longctx.lolcats_import"])
     checkpoint.register_foreign_format(lambda ckpt, source: f"{source} is a toy file: run toy-convert" if "toy" in ckpt
                                        else None)
     torch.save({"toy": torch.zeros(1)}, tmp_path / "toy.pt")
@@ -125,6 +125,6 @@ def test_a_registered_foreign_format_names_its_converter_and_others_get_the_gene
         read_checkpoint(tmp_path / "toy.pt")
     with pytest.raises(checkpoint.CheckpointError, match="LoLCATs reference checkpoint.*convert from-lolcats"):
         read_checkpoint(tmp_path / "ref.pt")  # the declared module registered its recogniser on the first miss
-    assert checkpoint._FOREIGN_FORMAT_MODULES == [] and len(checkpoint._FOREIGN_FORMATS) == 2
+    assert checkpoint._DECLARING_MODULES == [] and len(checkpoint._FOREIGN_FORMATS) == 2
     with pytest.raises(checkpoint.CheckpointError, match=r"is not a lit-longctx checkpoint \(top-level keys \['weights'\]"):
         read_checkpoint(tmp_path / "other.pt")
